@@ -1,0 +1,207 @@
+"""The events of a saga's stream: everything that happened to it, in order.
+
+They are frozen dataclasses (eventsourcing aggregate events) built by ``decide`` from the saga's
+state, the input and ``now``; nothing here reads a clock or a database. Each event carries the
+saga's correlation id. Their topics are pinned (``TOPIC``) because stored events name their class
+by topic: moving a class must not orphan the streams already written. A test pins the list.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate
+
+__all__ = [
+    "ALL_EVENT_TYPES",
+    "CompensationFailed",
+    "CompensationIssued",
+    "CompensationStarted",
+    "CompensationSucceeded",
+    "ReplyIgnored",
+    "RetryScheduled",
+    "SagaCompensated",
+    "SagaCompleted",
+    "SagaEvent",
+    "SagaStarted",
+    "SagaStuck",
+    "StepCommandIssued",
+    "StepFailed",
+    "StepSucceeded",
+    "StepTimedOut",
+]
+
+
+class _AppliesToSaga:
+    """Evolving the aggregate is the aggregate's business (see ``aggregate.Saga.apply_event``)."""
+
+    def apply(self, aggregate: Any) -> None:
+        aggregate.apply_event(self)
+
+
+class SagaStarted(_AppliesToSaga, Aggregate.Created):
+    TOPIC = "saga_es.events:SagaStarted"
+    correlation_id: str
+    definition: str
+    definition_version: int
+    business_key: str
+    data: dict[str, Any]
+
+
+class SagaEvent(_AppliesToSaga, Aggregate.Event):
+    """Every event after the first."""
+
+    TOPIC = "saga_es.events:SagaEvent"
+    correlation_id: str
+
+
+class StepCommandIssued(SagaEvent):
+    TOPIC = "saga_es.events:StepCommandIssued"
+    step: str
+    attempt: int
+    command_id: UUID
+    command: str
+    queue: str
+    deadline: datetime
+
+
+class StepSucceeded(SagaEvent):
+    TOPIC = "saga_es.events:StepSucceeded"
+    step: str
+    attempt: int
+    command_id: UUID
+    result: dict[str, Any]
+
+
+class StepFailed(SagaEvent):
+    TOPIC = "saga_es.events:StepFailed"
+    step: str
+    attempt: int
+    command_id: UUID
+    error_code: str
+    message: str
+    retryable: bool
+
+
+class StepTimedOut(SagaEvent):
+    """No reply to a command before its deadline. ``phase`` is "action" or "compensation"."""
+
+    TOPIC = "saga_es.events:StepTimedOut"
+    step: str
+    phase: str
+    attempt: int
+    command_id: UUID
+    deadline: datetime
+
+
+class RetryScheduled(SagaEvent):
+    """Attempt ``attempt`` of the step's ``phase`` will be issued at ``due``."""
+
+    TOPIC = "saga_es.events:RetryScheduled"
+    step: str
+    phase: str
+    attempt: int
+    due: datetime
+    timer_id: UUID
+
+
+class CompensationStarted(SagaEvent):
+    """The saga turned back. ``plan`` lists the steps to compensate, in the order they will be."""
+
+    TOPIC = "saga_es.events:CompensationStarted"
+    failed_step: str
+    error_code: str
+    message: str
+    plan: list[str]
+
+
+class CompensationIssued(SagaEvent):
+    TOPIC = "saga_es.events:CompensationIssued"
+    step: str
+    attempt: int
+    command_id: UUID
+    command: str
+    queue: str
+    deadline: datetime
+
+
+class CompensationSucceeded(SagaEvent):
+    TOPIC = "saga_es.events:CompensationSucceeded"
+    step: str
+    attempt: int
+    command_id: UUID
+    result: dict[str, Any]
+
+
+class CompensationFailed(SagaEvent):
+    TOPIC = "saga_es.events:CompensationFailed"
+    step: str
+    attempt: int
+    command_id: UUID
+    error_code: str
+    message: str
+    retryable: bool
+
+
+class ReplyIgnored(SagaEvent):
+    """A reply that changed nothing, kept so that nothing arrives unseen.
+
+    reason: "duplicate" (its command was already answered), "late" (its attempt had timed out),
+    "stale" (an earlier attempt, superseded) or "finished" (the saga had already ended).
+    """
+
+    TOPIC = "saga_es.events:ReplyIgnored"
+    command_id: UUID
+    reply_id: UUID
+    step: str
+    phase: str
+    attempt: int
+    outcome: str
+    reason: str
+
+
+class SagaCompleted(SagaEvent):
+    TOPIC = "saga_es.events:SagaCompleted"
+
+
+class SagaCompensated(SagaEvent):
+    """Terminal: a step failed and every completed step was compensated (state ``failed``)."""
+
+    TOPIC = "saga_es.events:SagaCompensated"
+    failed_step: str
+    error_code: str
+    message: str
+    compensated: list[str]
+
+
+class SagaStuck(SagaEvent):
+    """The saga can go neither forward nor back by itself; an operator has to act."""
+
+    TOPIC = "saga_es.events:SagaStuck"
+    step: str
+    phase: str
+    reason: str
+    error_code: str
+    message: str
+    compensated: list[str]
+    not_compensated: list[str]
+
+
+ALL_EVENT_TYPES: tuple[type[Any], ...] = (
+    SagaStarted,
+    StepCommandIssued,
+    StepSucceeded,
+    StepFailed,
+    StepTimedOut,
+    RetryScheduled,
+    CompensationStarted,
+    CompensationIssued,
+    CompensationSucceeded,
+    CompensationFailed,
+    ReplyIgnored,
+    SagaCompleted,
+    SagaCompensated,
+    SagaStuck,
+)

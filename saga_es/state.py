@@ -1,0 +1,251 @@
+"""A saga's state: small, frozen, rebuilt from its events by ``evolve``, a plain function.
+
+``replay(events)`` folds a whole stream; step through it in a debugger to see how a saga got
+where it is. The state holds what ``decide`` needs and what an operator asks first: where the
+saga is, what it waits for, what succeeded, what was undone, and why it failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+from uuid import UUID
+
+from saga_es import events as ev
+
+__all__ = [
+    "TERMINAL",
+    "Awaiting",
+    "Failure",
+    "IssuedCommand",
+    "Phase",
+    "RetryWait",
+    "SagaState",
+    "SagaStatus",
+    "Timer",
+    "evolve",
+    "next_timer",
+    "replay",
+]
+
+Phase = Literal["action", "compensation"]
+
+
+class SagaStatus(StrEnum):
+    STARTED = "started"
+    PENDING = "pending"
+    COMPENSATING = "compensating"
+    COMPLETED = "completed"
+    FAILED = "failed"  # every completed step was compensated
+    STUCK = "stuck"  # needs an operator
+
+
+#: No reply and no timer moves a saga out of these (only an operator can move a stuck saga on).
+TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.FAILED, SagaStatus.STUCK})
+
+
+@dataclass(frozen=True)
+class Awaiting:
+    """The one command whose reply the saga waits for."""
+
+    phase: Phase
+    step: str
+    attempt: int
+    command_id: UUID
+    deadline: datetime
+
+
+@dataclass(frozen=True)
+class RetryWait:
+    """No command out: the saga waits until ``due`` to issue attempt ``attempt``."""
+
+    phase: Phase
+    step: str
+    attempt: int
+    due: datetime
+    timer_id: UUID
+
+
+@dataclass(frozen=True)
+class IssuedCommand:
+    """What the saga knows of a command it issued; ``outcome`` is None while unanswered."""
+
+    phase: Phase
+    step: str
+    attempt: int
+    outcome: Literal["succeeded", "failed", "timed_out"] | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    step: str
+    error_code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Timer:
+    """The saga's next wake-up: a reply deadline or a retry. Derived from the state."""
+
+    timer_id: UUID
+    kind: Literal["deadline", "retry"]
+    phase: Phase
+    step: str
+    attempt: int
+    due: datetime
+
+
+@dataclass(frozen=True)
+class SagaState:
+    saga_id: UUID
+    version: int
+    definition: str
+    definition_version: int
+    business_key: str
+    correlation_id: str
+    data: Mapping[str, Any]
+    status: SagaStatus
+    started_at: datetime
+    updated_at: datetime
+    awaiting: Awaiting | None = None
+    retry_wait: RetryWait | None = None
+    commands: Mapping[UUID, IssuedCommand] = field(default_factory=dict)
+    succeeded: tuple[str, ...] = ()
+    results: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    compensation_plan: tuple[str, ...] = ()
+    compensated: tuple[str, ...] = ()
+    failure: Failure | None = None
+    stuck_reason: str | None = None
+    ignored_replies: int = 0
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def current_step(self) -> str | None:
+        if self.awaiting:
+            return self.awaiting.step
+        if self.retry_wait:
+            return self.retry_wait.step
+        return None
+
+    @property
+    def remaining_compensations(self) -> tuple[str, ...]:
+        return tuple(s for s in self.compensation_plan if s not in self.compensated)
+
+
+def next_timer(state: SagaState) -> Timer | None:
+    if state.awaiting:
+        a = state.awaiting
+        return Timer(a.command_id, "deadline", a.phase, a.step, a.attempt, a.deadline)
+    if state.retry_wait:
+        r = state.retry_wait
+        return Timer(r.timer_id, "retry", r.phase, r.step, r.attempt, r.due)
+    return None
+
+
+def replay(events: Iterable[Any]) -> SagaState:
+    state: SagaState | None = None
+    for event in events:
+        state = evolve(state, event)
+    if state is None:
+        raise ValueError("a saga stream starts with SagaStarted; no events were given")
+    return state
+
+
+def evolve(state: SagaState | None, event: Any) -> SagaState:
+    """The state after ``event``. Pure: the same state and event always give the same result."""
+    if isinstance(event, ev.SagaStarted):
+        if state is not None:
+            raise ValueError(f"saga {event.originator_id} started twice")
+        return SagaState(
+            saga_id=event.originator_id,
+            version=event.originator_version,
+            definition=event.definition,
+            definition_version=event.definition_version,
+            business_key=event.business_key,
+            correlation_id=event.correlation_id,
+            data=event.data,
+            status=SagaStatus.STARTED,
+            started_at=event.timestamp,
+            updated_at=event.timestamp,
+        )
+    if state is None:
+        raise ValueError(f"saga {event.originator_id}: {type(event).__name__} before SagaStarted")
+    moved = replace(state, version=event.originator_version, updated_at=event.timestamp)
+    handler = _HANDLERS.get(type(event))
+    if handler is None:
+        raise TypeError(f"saga {state.saga_id}: no rule to apply {type(event).__name__}")
+    return handler(moved, event)
+
+
+def _issued(state: SagaState, e: Any, phase: Phase, status: SagaStatus) -> SagaState:
+    return replace(
+        state,
+        status=status,
+        awaiting=Awaiting(phase, e.step, e.attempt, e.command_id, e.deadline),
+        retry_wait=None,
+        commands={**state.commands, e.command_id: IssuedCommand(phase, e.step, e.attempt)},
+    )
+
+
+def _answered(state: SagaState, command_id: UUID, outcome: Any) -> SagaState:
+    known = state.commands[command_id]
+    return replace(
+        state,
+        awaiting=None,
+        commands={**state.commands, command_id: replace(known, outcome=outcome)},
+    )
+
+
+def _step_succeeded(s: SagaState, e: ev.StepSucceeded) -> SagaState:
+    s = _answered(s, e.command_id, "succeeded")
+    return replace(s, succeeded=(*s.succeeded, e.step), results={**s.results, e.step: e.result})
+
+
+def _retry(s: SagaState, e: ev.RetryScheduled) -> SagaState:
+    phase: Phase = "compensation" if e.phase == "compensation" else "action"
+    return replace(s, awaiting=None, retry_wait=RetryWait(phase, e.step, e.attempt, e.due, e.timer_id))
+
+
+def _compensation_started(s: SagaState, e: ev.CompensationStarted) -> SagaState:
+    return replace(
+        s,
+        status=SagaStatus.COMPENSATING,
+        compensation_plan=tuple(e.plan),
+        failure=Failure(e.failed_step, e.error_code, e.message),
+    )
+
+
+def _stuck(s: SagaState, e: ev.SagaStuck) -> SagaState:
+    return replace(
+        s,
+        status=SagaStatus.STUCK,
+        awaiting=None,
+        retry_wait=None,
+        stuck_reason=e.reason,
+        failure=Failure(e.step, e.error_code, e.message),
+    )
+
+
+_HANDLERS: dict[type[Any], Any] = {
+    ev.StepCommandIssued: lambda s, e: _issued(s, e, "action", SagaStatus.PENDING),
+    ev.CompensationIssued: lambda s, e: _issued(s, e, "compensation", SagaStatus.COMPENSATING),
+    ev.StepSucceeded: _step_succeeded,
+    ev.StepFailed: lambda s, e: _answered(s, e.command_id, "failed"),
+    ev.StepTimedOut: lambda s, e: _answered(s, e.command_id, "timed_out"),
+    ev.CompensationSucceeded: lambda s, e: replace(
+        _answered(s, e.command_id, "succeeded"), compensated=(*s.compensated, e.step)
+    ),
+    ev.CompensationFailed: lambda s, e: _answered(s, e.command_id, "failed"),
+    ev.RetryScheduled: _retry,
+    ev.CompensationStarted: _compensation_started,
+    ev.ReplyIgnored: lambda s, e: replace(s, ignored_replies=s.ignored_replies + 1),
+    ev.SagaCompleted: lambda s, e: replace(s, status=SagaStatus.COMPLETED),
+    ev.SagaCompensated: lambda s, e: replace(s, status=SagaStatus.FAILED),
+    ev.SagaStuck: _stuck,
+}

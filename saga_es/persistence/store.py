@@ -1,0 +1,183 @@
+"""The saga store: load a saga, commit a decision, read the engine's tables.
+
+A thin layer over an eventsourcing ``Application`` whose recorder (chosen by the database URL)
+writes outbox, inbox and timer rows in the events' transaction. The engine never touches SQL;
+tests and tools read the side tables through ``outbox``/``timers``/``has_reply``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import PersistenceError
+
+from saga_es.aggregate import Saga
+from saga_es.decide import Decision
+from saga_es.errors import ConfigurationError, StoreError
+from saga_es.persistence.settings import DatabaseSettings
+from saga_es.persistence.writes import SideWrites
+
+__all__ = ["SagaApplication", "SagaStore", "init_database"]
+
+_UUID_COLUMNS = {"message_id", "saga_id", "idempotency_key", "causation_id", "timer_id"}
+
+
+class SagaApplication(Application):
+    # The name prefixes the PostgreSQL tables: saga_events. (SQLite tables are never prefixed.)
+    name = "Saga"
+
+
+class SagaStore:
+    def __init__(
+        self,
+        settings: DatabaseSettings,
+        *,
+        create_tables: bool | None = None,
+        recorder_topic: str | None = None,
+    ) -> None:
+        """``create_tables`` defaults to on for SQLite (embedded use) and off for PostgreSQL,
+        where several workers creating tables at once fail: run ``saga-es db init`` once."""
+        self.settings = settings
+        if create_tables is None:
+            create_tables = settings.backend == "sqlite"
+        env = {**settings.env, "CREATE_TABLE": "y" if create_tables else "n"}
+        if recorder_topic:
+            env["APPLICATION_RECORDER_TOPIC"] = recorder_topic
+        if settings.backend == "postgres":
+            _require_schema(settings, create=create_tables)
+        elif settings.sqlite_path is not None:
+            settings.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.app = SagaApplication(env=env)
+        except PersistenceError as exc:
+            raise StoreError(f"cannot open saga store at {settings.redacted()}: {exc}") from exc
+        if not create_tables:
+            self._require_tables()
+
+    # -- the stream ---------------------------------------------------------------------------
+
+    def load(self, saga_id: UUID, version: int | None = None) -> Saga | None:
+        try:
+            saga: Saga = self.app.repository.get(saga_id, version=version)
+        except AggregateNotFoundError:
+            return None
+        return saga
+
+    def events(self, saga_id: UUID) -> list[Any]:
+        return list(self.app.events.get(saga_id))
+
+    def commit(self, saga: Saga | None, decision: Decision, *, reply_id: UUID | None = None) -> None:
+        """Append the decision's events and write its side rows, all in one transaction.
+
+        Raises eventsourcing's ``IntegrityError`` when another writer advanced the saga first
+        (or the reply was already handled); nothing of this decision is then stored.
+        """
+        assert decision.state is not None and decision.events
+        if saga is None:
+            saga = decision.events[0].mutate(None)
+            saga.pending_events.append(decision.events[0])
+            saga.record(decision.events[1:])
+        else:
+            saga.record(decision.events)
+        writes = SideWrites(
+            saga_id=decision.state.saga_id,
+            at=decision.events[-1].timestamp,
+            outbox=decision.commands,
+            timer=decision.timer,
+            reply_id=reply_id,
+        )
+        self.app.save(saga, side_writes=writes)
+
+    # -- the side tables ----------------------------------------------------------------------
+
+    def has_reply(self, message_id: UUID) -> bool:
+        sql = f"SELECT 1 FROM {self.table('saga_inbox')} WHERE message_id = ?"
+        return bool(self._query(sql, [message_id]))
+
+    def outbox(self, saga_id: UUID | None = None) -> list[dict[str, Any]]:
+        """Outbox rows (oldest first), for tools and tests; the relay has its own queries."""
+        where, params = ("WHERE saga_id = ?", [saga_id]) if saga_id else ("", [])
+        rows = self._query(
+            f"SELECT * FROM {self.table('saga_outbox')} {where} "
+            "ORDER BY saga_id, saga_version, position",
+            params,
+        )
+        for row in rows:
+            if isinstance(row["payload"], str):
+                row["payload"] = json.loads(row["payload"])
+        return rows
+
+    def timers(self, saga_id: UUID | None = None) -> list[dict[str, Any]]:
+        where, params = ("WHERE saga_id = ?", [saga_id]) if saga_id else ("", [])
+        return self._query(f"SELECT * FROM {self.table('saga_timers')} {where} ORDER BY due_at", params)
+
+    def count(self, table: str) -> int:
+        if table not in {"saga_outbox", "saga_inbox", "saga_timers", "events"}:
+            raise ValueError(table)
+        name = self.app.recorder.events_table_name if table == "events" else table  # type: ignore[attr-defined]
+        return int(self._query(f"SELECT count(*) AS n FROM {self.table(name)}", [])[0]["n"])
+
+    def close(self) -> None:
+        self.app.close()
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def table(self, name: str) -> str:
+        """``name`` qualified with the PostgreSQL schema (SQLite has none)."""
+        if self.settings.backend == "postgres":
+            return f'"{self.settings.schema}".{name}'
+        return name
+
+    def _query(self, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+        datastore = self.app.recorder.datastore  # type: ignore[attr-defined]
+        if self.settings.backend == "postgres":
+            sql = sql.replace("?", "%s")
+            with datastore.transaction(commit=False) as cursor:
+                cursor.execute(sql, params)
+                return [dict(row) for row in cursor.fetchall()]
+        params = [p.hex if isinstance(p, UUID) else p for p in params]
+        with datastore.transaction(commit=False) as cursor:
+            cursor.execute(sql, params)
+            rows = [dict(row) for row in cursor.fetchall()]
+        for row in rows:
+            for column in _UUID_COLUMNS & row.keys():
+                row[column] = UUID(row[column])
+        return rows
+
+    def _require_tables(self) -> None:
+        try:
+            self._query(f"SELECT 1 FROM {self.table('saga_outbox')} WHERE 1 = 0", [])
+        except PersistenceError as exc:
+            raise ConfigurationError(
+                f"the saga tables do not exist at {self.settings.redacted()}: "
+                "run `saga-es db init` once before starting engines, workers or relays"
+            ) from exc
+
+
+def init_database(settings: DatabaseSettings) -> None:
+    """Create the schema, the event tables and the engine's tables (idempotent)."""
+    SagaStore(settings, create_tables=True).close()
+
+
+def _require_schema(settings: DatabaseSettings, *, create: bool) -> None:
+    try:
+        with psycopg.connect(settings.psycopg_conninfo, autocommit=True, connect_timeout=10) as c:
+            if create:
+                c.execute(f'CREATE SCHEMA IF NOT EXISTS "{settings.schema}"')
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot reach PostgreSQL at {settings.redacted()}: {exc}") from exc
+
+
+@contextmanager
+def opened(settings: DatabaseSettings, **options: Any) -> Iterator[SagaStore]:
+    store = SagaStore(settings, **options)
+    try:
+        yield store
+    finally:
+        store.close()

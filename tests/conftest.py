@@ -1,0 +1,100 @@
+"""Shared fixtures.
+
+PostgreSQL tests use the server named by SAGA_ES_TEST_POSTGRES_URL (default: the local ``test``
+database) and never skip: if it is unreachable they fail with a message saying so. Each test gets
+its own schema, dropped afterwards; SQLite tests get a file in the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from saga_es.persistence.settings import DatabaseSettings
+from saga_es.persistence.store import SagaStore, init_database
+
+DEFAULT_TEST_POSTGRES = "postgresql://root@127.0.0.1:5432/test"
+BACKENDS = ["sqlite", "postgres"]
+
+
+def postgres_base_url() -> str:
+    return os.environ.get("SAGA_ES_TEST_POSTGRES_URL", DEFAULT_TEST_POSTGRES)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    url = postgres_base_url()
+    conninfo = DatabaseSettings.from_url(url).psycopg_conninfo
+    try:
+        with psycopg.connect(conninfo, connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        pytest.fail(
+            f"PostgreSQL is unreachable at {url} ({exc}). These tests need a real server: start "
+            "it (pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start) or "
+            "point SAGA_ES_TEST_POSTGRES_URL at one.",
+            pytrace=False,
+        )
+    return url
+
+
+def _new_schema_url(base: str) -> tuple[str, str]:
+    schema = f"t_{os.getpid()}_{uuid.uuid4().hex[:10]}"
+    sep = "&" if "?" in base else "?"
+    return schema, f"{base}{sep}schema={schema}"
+
+
+def drop_schema(base: str, schema: str) -> None:
+    conninfo = DatabaseSettings.from_url(base).psycopg_conninfo
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, initialised schema for this test only."""
+    schema, url = _new_schema_url(postgres_server)
+    init_database(DatabaseSettings.from_url(url))
+    try:
+        yield url
+    finally:
+        drop_schema(postgres_server, schema)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Any) -> str:
+    url = f"sqlite:///{tmp_path}/sagas.db"
+    init_database(DatabaseSettings.from_url(url))
+    return url
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Runs the test once per backend: the storage contract is the same."""
+    fixture = "postgres_url" if request.param == "postgres" else "sqlite_url"
+    return str(request.getfixturevalue(fixture))
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[SagaStore]:
+    s = SagaStore(DatabaseSettings.from_url(database_url), create_tables=False)
+    yield s
+    s.close()
+
+
+ORDER = {
+    "order_id": "o-1",
+    "customer_id": "c-1",
+    "lines": [{"sku": "SKU-1", "quantity": 2}],
+    "amount": "25.00",
+    "currency": "EUR",
+}
+
+
+def order(n: int | str = 1) -> dict[str, Any]:
+    return {**ORDER, "order_id": f"o-{n}"}

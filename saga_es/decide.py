@@ -113,7 +113,11 @@ class _Plan:
     rule below sees the state as it will be after the events before it."""
 
     def __init__(
-        self, definition: SagaDefinition, state: SagaState, now: datetime, data: BaseModel | None = None
+        self,
+        definition: SagaDefinition,
+        state: SagaState,
+        now: datetime,
+        data: BaseModel | None = None,
     ) -> None:
         self.definition = definition
         self.state = state
@@ -142,14 +146,19 @@ class _Plan:
         known = self.state.commands.get(reply.command_id)
         if known is None:
             raise UnknownCommandError(
-                saga_id=self.state.saga_id, definition=self.state.definition, command_id=reply.command_id
+                saga_id=self.state.saga_id,
+                definition=self.state.definition,
+                command_id=reply.command_id,
             )
         awaiting = self.state.awaiting
         if awaiting is None or awaiting.command_id != reply.command_id:
             reason = (
-                "finished" if self.state.is_terminal
-                else "late" if known.outcome == "timed_out"
-                else "duplicate" if known.outcome is not None
+                "finished"
+                if self.state.is_terminal
+                else "late"
+                if known.outcome == "timed_out"
+                else "duplicate"
+                if known.outcome is not None
                 else "stale"
             )
             self.record(
@@ -171,17 +180,31 @@ class _Plan:
                 self.advance_after(step)
             else:
                 code = reply.error_code or "error"
-                self.record(ev.StepFailed, error_code=code, message=reply.error_message,
-                            retryable=reply.retryable, **fields)
-                self.action_failed(step, awaiting.attempt, code, reply.error_message, reply.retryable)
+                self.record(
+                    ev.StepFailed,
+                    error_code=code,
+                    message=reply.error_message,
+                    retryable=reply.retryable,
+                    **fields,
+                )
+                self.action_failed(
+                    step, awaiting.attempt, code, reply.error_message, reply.retryable
+                )
         elif reply.ok:
             self.record(ev.CompensationSucceeded, result=reply.result, **fields)
             self.compensate_next()
         else:
             code = reply.error_code or "error"
-            self.record(ev.CompensationFailed, error_code=code, message=reply.error_message,
-                        retryable=reply.retryable, **fields)
-            self.compensation_failed(step, awaiting.attempt, code, reply.error_message, reply.retryable)
+            self.record(
+                ev.CompensationFailed,
+                error_code=code,
+                message=reply.error_message,
+                retryable=reply.retryable,
+                **fields,
+            )
+            self.compensation_failed(
+                step, awaiting.attempt, code, reply.error_message, reply.retryable
+            )
 
     def on_timer(self, timer_id: UUID) -> None:
         timer = next_timer(self.state)
@@ -191,8 +214,14 @@ class _Plan:
         if timer.kind == "retry":
             self.issue(timer.phase, step, timer.attempt)
             return
-        self.record(ev.StepTimedOut, step=step.name, phase=timer.phase, attempt=timer.attempt,
-                    command_id=timer.timer_id, deadline=timer.due)
+        self.record(
+            ev.StepTimedOut,
+            step=step.name,
+            phase=timer.phase,
+            attempt=timer.attempt,
+            command_id=timer.timer_id,
+            deadline=timer.due,
+        )
         message = f"no reply within {self._timeout(timer.phase, step)}"
         if timer.phase == "action":
             self.action_failed(step, timer.attempt, TIMEOUT, message, retryable=True)
@@ -202,15 +231,27 @@ class _Plan:
     # -- going forward ------------------------------------------------------------------------
 
     def issue(self, phase: Phase, step: Step, attempt: int) -> None:
+        event_class: type[Any]
         cid = command_id(self.state.saga_id, phase, step.name, attempt)
         if phase == "action":
             name, queue, event_class = step.action, step.queue, ev.StepCommandIssued
         else:
             assert step.compensation is not None
-            name, queue, event_class = step.compensation, step.compensation_queue, ev.CompensationIssued
+            name, queue, event_class = (
+                step.compensation,
+                step.compensation_queue,
+                ev.CompensationIssued,
+            )
         deadline = self.now + self._timeout(phase, step)
-        self.record(event_class, step=step.name, attempt=attempt, command_id=cid, command=name,
-                    queue=queue, deadline=deadline)
+        self.record(
+            event_class,
+            step=step.name,
+            attempt=attempt,
+            command_id=cid,
+            command=name,
+            queue=queue,
+            deadline=deadline,
+        )
         self.commands.append(
             CommandMessage(
                 message_id=cid,
@@ -239,23 +280,44 @@ class _Plan:
         else:
             self.record(ev.SagaCompleted)
 
-    def action_failed(self, step: Step, attempt: int, code: str, message: str, retryable: bool) -> None:
+    def action_failed(
+        self, step: Step, attempt: int, code: str, message: str, retryable: bool
+    ) -> None:
         if step.retry.allows_another(attempt, code, retryable=retryable):
             self.schedule_retry("action", step, attempt + 1, step.retry.delay_before)
             return
         timed_out = code == TIMEOUT
         if step.kind is StepKind.RETRIABLE:
-            self.stuck(step, "action", f"retriable step '{step.name}' failed for good after the "
-                       "pivot; it cannot be compensated", code, message)
+            self.stuck(
+                step,
+                "action",
+                f"retriable step '{step.name}' failed for good after the "
+                "pivot; it cannot be compensated",
+                code,
+                message,
+            )
         elif step.kind is StepKind.PIVOT and timed_out:
-            self.stuck(step, "action", f"outcome of pivot step '{step.name}' is unknown (no reply "
-                       f"after {attempt} attempts): check the participant", code, message)
+            self.stuck(
+                step,
+                "action",
+                f"outcome of pivot step '{step.name}' is unknown (no reply "
+                f"after {attempt} attempts): check the participant",
+                code,
+                message,
+            )
         else:
-            plan = [s for s in self.state.succeeded if self.definition.step_named(s).is_compensatable]
+            plan = [
+                s for s in self.state.succeeded if self.definition.step_named(s).is_compensatable
+            ]
             if timed_out and step.is_compensatable:
                 plan.append(step.name)  # in doubt: its effect may have committed late
-            self.record(ev.CompensationStarted, failed_step=step.name, error_code=code,
-                        message=message, plan=list(reversed(plan)))
+            self.record(
+                ev.CompensationStarted,
+                failed_step=step.name,
+                error_code=code,
+                message=message,
+                plan=list(reversed(plan)),
+            )
             self.compensate_next()
 
     # -- going back ---------------------------------------------------------------------------
@@ -267,30 +329,54 @@ class _Plan:
             return
         failure = self.state.failure
         assert failure is not None
-        self.record(ev.SagaCompensated, failed_step=failure.step, error_code=failure.error_code,
-                    message=failure.message, compensated=list(self.state.compensated))
+        self.record(
+            ev.SagaCompensated,
+            failed_step=failure.step,
+            error_code=failure.error_code,
+            message=failure.message,
+            compensated=list(self.state.compensated),
+        )
 
     def compensation_failed(
         self, step: Step, attempt: int, code: str, message: str, retryable: bool
     ) -> None:
         if step.compensation_retry.allows_another(attempt, code, retryable=retryable):
-            self.schedule_retry("compensation", step, attempt + 1, step.compensation_retry.delay_before)
+            self.schedule_retry(
+                "compensation", step, attempt + 1, step.compensation_retry.delay_before
+            )
             return
-        self.stuck(step, "compensation", f"compensation of '{step.name}' failed after {attempt} "
-                   "attempts", code, message)
+        self.stuck(
+            step,
+            "compensation",
+            f"compensation of '{step.name}' failed after {attempt} attempts",
+            code,
+            message,
+        )
 
     # -- shared -------------------------------------------------------------------------------
 
     def schedule_retry(self, phase: Phase, step: Step, attempt: int, delay_before: Any) -> None:
         delay = delay_before(attempt, spread(self.state.saga_id, phase, step.name, attempt))
-        self.record(ev.RetryScheduled, step=step.name, phase=phase, attempt=attempt,
-                    due=self.now + delay,
-                    timer_id=retry_timer_id(self.state.saga_id, phase, step.name, attempt))
+        self.record(
+            ev.RetryScheduled,
+            step=step.name,
+            phase=phase,
+            attempt=attempt,
+            due=self.now + delay,
+            timer_id=retry_timer_id(self.state.saga_id, phase, step.name, attempt),
+        )
 
     def stuck(self, step: Step, phase: Phase, reason: str, code: str, message: str) -> None:
-        self.record(ev.SagaStuck, step=step.name, phase=phase, reason=reason, error_code=code,
-                    message=message, compensated=list(self.state.compensated),
-                    not_compensated=list(self.state.remaining_compensations))
+        self.record(
+            ev.SagaStuck,
+            step=step.name,
+            phase=phase,
+            reason=reason,
+            error_code=code,
+            message=message,
+            compensated=list(self.state.compensated),
+            not_compensated=list(self.state.remaining_compensations),
+        )
 
     def _timeout(self, phase: Phase, step: Step) -> Any:
         return step.timeout if phase == "action" else step.compensation_timeout

@@ -65,7 +65,10 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,99}$")
 
 
 def default_payload(data: BaseModel, results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    return {"data": data.model_dump(mode="json"), "results": {k: dict(v) for k, v in results.items()}}
+    return {
+        "data": data.model_dump(mode="json"),
+        "results": {k: dict(v) for k, v in results.items()},
+    }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,7 +129,7 @@ def step(
         kind=kind,
         timeout=timeout,
         retry=retry,
-        compensation_timeout=compensation_timeout or timeout,
+        compensation_timeout=timeout if compensation_timeout is None else compensation_timeout,
         compensation_retry=compensation_retry or RetryPolicy(max_attempts=5),
         queue=queue or action.split(".", 1)[0],
         compensation_queue=compensation_queue or (compensation or action).split(".", 1)[0],
@@ -155,7 +158,9 @@ class SagaDefinition:
         return [s.name for s in self.steps].index(name)
 
 
-def saga(name: str, *, version: int = 1, data: type[BaseModel], steps: Sequence[Step]) -> SagaDefinition:
+def saga(
+    name: str, *, version: int = 1, data: type[BaseModel], steps: Sequence[Step]
+) -> SagaDefinition:
     """Build and validate a saga definition; raises ``DefinitionError`` naming step and rule."""
     definition = SagaDefinition(name=name, version=version, data_model=data, steps=tuple(steps))
     _validate(definition)
@@ -187,11 +192,16 @@ def _validate(d: SagaDefinition) -> None:
         seen.add(s.name)
         for label, command in (("action", s.action), ("compensation", s.compensation)):
             if command is not None and not _NAME.match(command):
-                raise fail("command-name", f"{label} command {command!r} is not a valid name", s.name)
+                raise fail(
+                    "command-name", f"{label} command {command!r} is not a valid name", s.name
+                )
         for label, policy in (("retry", s.retry), ("compensation_retry", s.compensation_retry)):
             for problem in policy.problems():
                 raise fail("retry-policy", f"{label}: {problem}", s.name)
-        for label, limit in (("timeout", s.timeout), ("compensation_timeout", s.compensation_timeout)):
+        for label, limit in (
+            ("timeout", s.timeout),
+            ("compensation_timeout", s.compensation_timeout),
+        ):
             if limit <= timedelta(0):
                 raise fail("timeout", f"{label} must be positive", s.name)
 
@@ -220,7 +230,9 @@ def _validate(d: SagaDefinition) -> None:
                 )
         if s.kind is StepKind.PIVOT:
             if pivot_at is not None:
-                raise fail("single-pivot", f"second pivot; '{d.steps[pivot_at].name}' is the pivot", s.name)
+                raise fail(
+                    "single-pivot", f"second pivot; '{d.steps[pivot_at].name}' is the pivot", s.name
+                )
             pivot_at = index
         if s.kind is StepKind.RETRIABLE:
             if pivot_at is None:

@@ -113,11 +113,16 @@ class SagaEngine:
         same data is a no-op that returns the existing saga (``created=False``); with other
         data it raises ``StartConflictError``.
         """
-        d = definition if isinstance(definition, SagaDefinition) else self.definitions.get(definition)
+        d = (
+            definition
+            if isinstance(definition, SagaDefinition)
+            else self.definitions.get(definition)
+        )
         self.definitions.add(d)
         if not isinstance(business_key, str) or not business_key.strip():
             raise InvalidSagaDataError(
-                definition=d.name, business_key=str(business_key),
+                definition=d.name,
+                business_key=str(business_key),
                 problems=["field 'business_key': must be a non-empty string"],
             )
         model = self._validate_data(d, data, business_key)
@@ -127,8 +132,12 @@ class SagaEngine:
             if existing is not None:
                 return self._existing_start(existing, d, model, business_key)
             decision = begin(
-                d, saga_id=saga_id, business_key=business_key, data=model,
-                correlation_id=correlation_id or str(uuid.uuid4()), now=self.clock(),
+                d,
+                saga_id=saga_id,
+                business_key=business_key,
+                data=model,
+                correlation_id=correlation_id or str(uuid.uuid4()),
+                now=self.clock(),
             )
             try:
                 self._commit(None, decision)
@@ -178,14 +187,18 @@ class SagaEngine:
             except IntegrityError:
                 if reply_id is not None and self.store.has_reply(reply_id):
                     # Already handled (possibly by a worker racing us): nothing more to do.
-                    return Outcome(saga_id, self._load(saga_id, what="reply").saga_state, duplicate=True)
+                    return Outcome(
+                        saga_id, self._load(saga_id, what="reply").saga_state, duplicate=True
+                    )
                 log.debug("saga %s: concurrency conflict, deciding again (%d)", saga_id, attempt)
                 time.sleep(random.uniform(0, 0.002 * attempt))  # de-synchronise racing workers
                 continue
             return self._outcome(decision)
         raise ConcurrencyError(saga_id=saga_id, attempts=self.max_conflict_retries)
 
-    def _commit(self, saga: Saga | None, decision: Decision, *, reply_id: UUID | None = None) -> None:
+    def _commit(
+        self, saga: Saga | None, decision: Decision, *, reply_id: UUID | None = None
+    ) -> None:
         try:
             self.store.commit(saga, decision, reply_id=reply_id)
         except IntegrityError:
@@ -225,12 +238,18 @@ class SagaEngine:
     ) -> Outcome:
         state = saga.saga_state
         if dict(state.data) != model.model_dump(mode="json"):
-            raise StartConflictError(saga_id=state.saga_id, definition=d.name, business_key=business_key)
+            raise StartConflictError(
+                saga_id=state.saga_id, definition=d.name, business_key=business_key
+            )
         return Outcome(state.saga_id, state, created=False)
 
     @staticmethod
     def _outcome(decision: Decision, *, created: bool = False) -> Outcome:
         assert decision.state is not None
         return Outcome(
-            decision.state.saga_id, decision.state, decision.events, decision.commands, created=created
+            decision.state.saga_id,
+            decision.state,
+            decision.events,
+            decision.commands,
+            created=created,
         )

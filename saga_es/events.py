@@ -8,6 +8,7 @@ by topic: moving a class must not orphan the streams already written. A test pin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -41,6 +42,7 @@ class _AppliesToSaga:
         aggregate.apply_event(self)
 
 
+@dataclass(frozen=True)
 class SagaStarted(_AppliesToSaga, Aggregate.Created):
     TOPIC = "saga_es.events:SagaStarted"
     correlation_id: str
@@ -50,6 +52,7 @@ class SagaStarted(_AppliesToSaga, Aggregate.Created):
     data: dict[str, Any]
 
 
+@dataclass(frozen=True)
 class SagaEvent(_AppliesToSaga, Aggregate.Event):
     """Every event after the first."""
 
@@ -57,6 +60,7 @@ class SagaEvent(_AppliesToSaga, Aggregate.Event):
     correlation_id: str
 
 
+@dataclass(frozen=True)
 class StepCommandIssued(SagaEvent):
     TOPIC = "saga_es.events:StepCommandIssued"
     step: str
@@ -67,6 +71,7 @@ class StepCommandIssued(SagaEvent):
     deadline: datetime
 
 
+@dataclass(frozen=True)
 class StepSucceeded(SagaEvent):
     TOPIC = "saga_es.events:StepSucceeded"
     step: str
@@ -75,6 +80,7 @@ class StepSucceeded(SagaEvent):
     result: dict[str, Any]
 
 
+@dataclass(frozen=True)
 class StepFailed(SagaEvent):
     TOPIC = "saga_es.events:StepFailed"
     step: str
@@ -85,6 +91,7 @@ class StepFailed(SagaEvent):
     retryable: bool
 
 
+@dataclass(frozen=True)
 class StepTimedOut(SagaEvent):
     """No reply to a command before its deadline. ``phase`` is "action" or "compensation"."""
 
@@ -96,6 +103,7 @@ class StepTimedOut(SagaEvent):
     deadline: datetime
 
 
+@dataclass(frozen=True)
 class RetryScheduled(SagaEvent):
     """Attempt ``attempt`` of the step's ``phase`` will be issued at ``due``."""
 
@@ -107,6 +115,7 @@ class RetryScheduled(SagaEvent):
     timer_id: UUID
 
 
+@dataclass(frozen=True)
 class CompensationStarted(SagaEvent):
     """The saga turned back. ``plan`` lists the steps to compensate, in the order they will be."""
 
@@ -117,6 +126,7 @@ class CompensationStarted(SagaEvent):
     plan: list[str]
 
 
+@dataclass(frozen=True)
 class CompensationIssued(SagaEvent):
     TOPIC = "saga_es.events:CompensationIssued"
     step: str
@@ -127,6 +137,7 @@ class CompensationIssued(SagaEvent):
     deadline: datetime
 
 
+@dataclass(frozen=True)
 class CompensationSucceeded(SagaEvent):
     TOPIC = "saga_es.events:CompensationSucceeded"
     step: str
@@ -135,6 +146,7 @@ class CompensationSucceeded(SagaEvent):
     result: dict[str, Any]
 
 
+@dataclass(frozen=True)
 class CompensationFailed(SagaEvent):
     TOPIC = "saga_es.events:CompensationFailed"
     step: str
@@ -145,6 +157,7 @@ class CompensationFailed(SagaEvent):
     retryable: bool
 
 
+@dataclass(frozen=True)
 class ReplyIgnored(SagaEvent):
     """A reply that changed nothing, kept so that nothing arrives unseen.
 
@@ -162,10 +175,12 @@ class ReplyIgnored(SagaEvent):
     reason: str
 
 
+@dataclass(frozen=True)
 class SagaCompleted(SagaEvent):
     TOPIC = "saga_es.events:SagaCompleted"
 
 
+@dataclass(frozen=True)
 class SagaCompensated(SagaEvent):
     """Terminal: a step failed and every completed step was compensated (state ``failed``)."""
 
@@ -176,6 +191,7 @@ class SagaCompensated(SagaEvent):
     compensated: list[str]
 
 
+@dataclass(frozen=True)
 class SagaStuck(SagaEvent):
     """The saga can go neither forward nor back by itself; an operator has to act."""
 

@@ -7,6 +7,7 @@ schedule. That keeps ``decide`` pure and makes retry schedules testable without 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -51,7 +52,7 @@ class RetryPolicy:
             found.append(f"max_attempts must be at least 1 or None, not {self.max_attempts}")
         if self.initial_backoff < timedelta(0):
             found.append("initial_backoff must not be negative")
-        if self.multiplier < 1:
+        if not self.multiplier >= 1:  # also refuses NaN
             found.append(f"multiplier must be at least 1, not {self.multiplier}")
         if self.max_backoff < self.initial_backoff:
             found.append("max_backoff must not be shorter than initial_backoff")
@@ -69,6 +70,10 @@ class RetryPolicy:
         """Delay before ``attempt`` (2 or more); ``spread`` in [0, 1) picks the jitter."""
         if attempt < 2:
             return timedelta(0)
-        base = self.initial_backoff.total_seconds() * self.multiplier ** (attempt - 2)
+        initial = self.initial_backoff.total_seconds()
+        try:
+            base = initial * self.multiplier ** (attempt - 2)
+        except OverflowError:  # unbounded policies reach attempts whose power exceeds a float
+            base = math.inf if initial else 0.0
         base = min(base, self.max_backoff.total_seconds())
         return timedelta(seconds=base * (1 - self.jitter * spread))

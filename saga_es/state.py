@@ -7,7 +7,7 @@ saga is, what it waits for, what succeeded, what was undone, and why it failed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
@@ -209,7 +209,9 @@ def _step_succeeded(s: SagaState, e: ev.StepSucceeded) -> SagaState:
 
 def _retry(s: SagaState, e: ev.RetryScheduled) -> SagaState:
     phase: Phase = "compensation" if e.phase == "compensation" else "action"
-    return replace(s, awaiting=None, retry_wait=RetryWait(phase, e.step, e.attempt, e.due, e.timer_id))
+    return replace(
+        s, awaiting=None, retry_wait=RetryWait(phase, e.step, e.attempt, e.due, e.timer_id)
+    )
 
 
 def _compensation_started(s: SagaState, e: ev.CompensationStarted) -> SagaState:
@@ -232,7 +234,7 @@ def _stuck(s: SagaState, e: ev.SagaStuck) -> SagaState:
     )
 
 
-_HANDLERS: dict[type[Any], Any] = {
+_HANDLERS: dict[type[Any], Callable[[SagaState, Any], SagaState]] = {
     ev.StepCommandIssued: lambda s, e: _issued(s, e, "action", SagaStatus.PENDING),
     ev.CompensationIssued: lambda s, e: _issued(s, e, "compensation", SagaStatus.COMPENSATING),
     ev.StepSucceeded: _step_succeeded,

@@ -38,7 +38,7 @@ class SagaPostgresRecorder(PostgresApplicationRecorder):
             )
         super().__init__(datastore, events_table_name=events_table_name)
         schema = datastore.schema
-        self.sql_create_statements.extend(SQL(s) for s in postgres_statements(schema))  # type: ignore[arg-type]
+        self.sql_create_statements.extend(SQL(s).format() for s in postgres_statements(schema))
         columns = ", ".join(OUTBOX_COLUMNS)
         marks = ", ".join(["%s"] * len(OUTBOX_COLUMNS))
         self._insert_outbox = f'INSERT INTO "{schema}".saga_outbox ({columns}) VALUES ({marks})'

@@ -108,7 +108,8 @@ class DatabaseSettings:
         e = self.env
         return (
             f"host={e['POSTGRES_HOST']} port={e['POSTGRES_PORT']} dbname={e['POSTGRES_DBNAME']} "
-            f"user={e['POSTGRES_USER']}" + (f" password={e['POSTGRES_PASSWORD']}" if e["POSTGRES_PASSWORD"] else "")
+            f"user={e['POSTGRES_USER']}"
+            + (f" password={e['POSTGRES_PASSWORD']}" if e["POSTGRES_PASSWORD"] else "")
         )
 
     def redacted(self) -> str:

@@ -21,14 +21,15 @@ from saga_es.aggregate import Saga
 from saga_es.decide import Decision
 from saga_es.errors import ConfigurationError, StoreError
 from saga_es.persistence.settings import DatabaseSettings
-from saga_es.persistence.writes import SideWrites
+from saga_es.persistence.writes import SideWrites, parse_sqlite_time
 
 __all__ = ["SagaApplication", "SagaStore", "init_database"]
 
 _UUID_COLUMNS = {"message_id", "saga_id", "idempotency_key", "causation_id", "timer_id"}
+_TIME_COLUMNS = {"deadline", "created_at", "published_at", "received_at", "due_at"}
 
 
-class SagaApplication(Application):
+class SagaApplication(Application[UUID]):
     # The name prefixes the PostgreSQL tables: saga_events. (SQLite tables are never prefixed.)
     name = "Saga"
 
@@ -72,13 +73,16 @@ class SagaStore:
     def events(self, saga_id: UUID) -> list[Any]:
         return list(self.app.events.get(saga_id))
 
-    def commit(self, saga: Saga | None, decision: Decision, *, reply_id: UUID | None = None) -> None:
+    def commit(
+        self, saga: Saga | None, decision: Decision, *, reply_id: UUID | None = None
+    ) -> None:
         """Append the decision's events and write its side rows, all in one transaction.
 
         Raises eventsourcing's ``IntegrityError`` when another writer advanced the saga first
         (or the reply was already handled); nothing of this decision is then stored.
         """
-        assert decision.state is not None and decision.events
+        if decision.state is None or not decision.events:
+            raise ValueError("an empty decision has nothing to commit")
         if saga is None:
             saga = decision.events[0].mutate(None)
             saga.pending_events.append(decision.events[0])
@@ -115,7 +119,9 @@ class SagaStore:
 
     def timers(self, saga_id: UUID | None = None) -> list[dict[str, Any]]:
         where, params = ("WHERE saga_id = ?", [saga_id]) if saga_id else ("", [])
-        return self._query(f"SELECT * FROM {self.table('saga_timers')} {where} ORDER BY due_at", params)
+        return self._query(
+            f"SELECT * FROM {self.table('saga_timers')} {where} ORDER BY due_at", params
+        )
 
     def count(self, table: str) -> int:
         if table not in {"saga_outbox", "saga_inbox", "saga_timers", "events"}:
@@ -145,9 +151,13 @@ class SagaStore:
         with datastore.transaction(commit=False) as cursor:
             cursor.execute(sql, params)
             rows = [dict(row) for row in cursor.fetchall()]
+        # Give SQLite rows the same Python types PostgreSQL returns.
         for row in rows:
             for column in _UUID_COLUMNS & row.keys():
                 row[column] = UUID(row[column])
+            for column in _TIME_COLUMNS & row.keys():
+                if row[column] is not None:
+                    row[column] = parse_sqlite_time(row[column])
         return rows
 
     def _require_tables(self) -> None:

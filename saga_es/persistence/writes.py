@@ -9,7 +9,9 @@ from uuid import UUID
 from saga_es.messages import CommandMessage
 from saga_es.state import Timer
 
-__all__ = ["SideWrites", "sqlite_time"]
+__all__ = ["SideWrites", "parse_sqlite_time", "sqlite_time"]
+
+_SQLITE_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 @dataclass(frozen=True)
@@ -30,4 +32,8 @@ class SideWrites:
 
 def sqlite_time(moment: datetime) -> str:
     """Fixed-width UTC text, so that SQLite compares times correctly as strings."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).strftime(_SQLITE_TIME)
+
+
+def parse_sqlite_time(text: str) -> datetime:
+    return datetime.strptime(text, _SQLITE_TIME).replace(tzinfo=UTC)

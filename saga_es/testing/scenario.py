@@ -73,7 +73,9 @@ class Scenario:
         )
         return self
 
-    def reply_success(self, result: dict[str, Any] | None = None, *, to: CommandMessage | None = None) -> Self:
+    def reply_success(
+        self, result: dict[str, Any] | None = None, *, to: CommandMessage | None = None
+    ) -> Self:
         return self.deliver((to or self.awaited).reply_success(uuid.uuid4(), result))
 
     def reply_failure(
@@ -85,7 +87,9 @@ class Scenario:
         to: CommandMessage | None = None,
     ) -> Self:
         command = to or self.awaited
-        return self.deliver(command.reply_failure(uuid.uuid4(), error_code, message, retryable=retryable))
+        return self.deliver(
+            command.reply_failure(uuid.uuid4(), error_code, message, retryable=retryable)
+        )
 
     def deliver(self, reply: ReplyMessage) -> Self:
         """Deliver any reply, e.g. one delivered before (a duplicate) or for an old attempt."""
@@ -94,7 +98,7 @@ class Scenario:
         return self
 
     def redeliver_last_reply(self) -> Self:
-        assert self.replies, "no reply was delivered yet"
+        self._check(bool(self.replies), "no reply was delivered yet")
         return self.deliver(self.replies[-1])
 
     def advance(self, delta: timedelta) -> Self:
@@ -109,19 +113,26 @@ class Scenario:
     def time_out(self) -> Self:
         """Move to the awaited command's deadline and fire it."""
         timer = self.timer
-        assert timer is not None and timer.kind == "deadline", self._explain("no reply deadline pending")
+        self._check(
+            timer is not None and timer.kind == "deadline",
+            self._explain("no reply deadline pending"),
+        )
         self.now = max(self.now, timer.due)
         return self.fire_timer(timer.timer_id)
 
     def retry_now(self) -> Self:
         """Move to the scheduled retry and fire it."""
         timer = self.timer
-        assert timer is not None and timer.kind == "retry", self._explain("no retry scheduled")
+        self._check(
+            timer is not None and timer.kind == "retry", self._explain("no retry scheduled")
+        )
         self.now = max(self.now, timer.due)
         return self.fire_timer(timer.timer_id)
 
     def fire_timer(self, timer_id: uuid.UUID) -> Self:
-        self._apply(decide(self.definition, self.state, TimerFired(self.state.saga_id, timer_id), self.now))
+        self._apply(
+            decide(self.definition, self.state, TimerFired(self.state.saga_id, timer_id), self.now)
+        )
         return self
 
     # -- expectations -------------------------------------------------------------------------
@@ -134,25 +145,30 @@ class Scenario:
 
     def expect_no_command(self) -> Self:
         issued = [c.command for c in self._last_commands]
-        assert not issued, self._explain(f"expected no command, but {issued} were issued")
+        self._check(not issued, self._explain(f"expected no command, but {issued} were issued"))
         return self
 
     def expect_state(self, status: SagaStatus | str) -> Self:
-        assert self.state.status == SagaStatus(status), self._explain(
-            f"expected state {SagaStatus(status).value}, it is {self.state.status.value}"
+        self._check(
+            self.state.status == SagaStatus(status),
+            self._explain(
+                f"expected state {SagaStatus(status).value}, it is {self.state.status.value}"
+            ),
         )
         return self
 
     def expect_events(self, *names: str) -> Self:
         """The last input recorded exactly these event types, in order."""
         got = [type(e).__name__ for e in self._last_events]
-        assert got == list(names), self._explain(f"expected events {list(names)}, got {got}")
+        self._check(got == list(names), self._explain(f"expected events {list(names)}, got {got}"))
         return self
 
     def expect_ignored(self, reason: str) -> Self:
         self.expect_events("ReplyIgnored")
         got = self._last_events[0].reason
-        assert got == reason, self._explain(f"expected reply ignored as {reason!r}, got {got!r}")
+        self._check(
+            got == reason, self._explain(f"expected reply ignored as {reason!r}, got {got!r}")
+        )
         return self
 
     def expect_unchanged(self) -> Self:
@@ -163,13 +179,15 @@ class Scenario:
 
     @property
     def state(self) -> SagaState:
-        assert self._state is not None, "call given(...) first"
+        if self._state is None:
+            raise AssertionError("call given(...) first")
         return self._state
 
     @property
     def awaited(self) -> CommandMessage:
         awaiting = self.state.awaiting
-        assert awaiting is not None, self._explain("the saga is not waiting for any reply")
+        if awaiting is None:
+            raise AssertionError(self._explain("the saga is not waiting for any reply"))
         return self.command(awaiting.command_id)
 
     @property
@@ -200,21 +218,36 @@ class Scenario:
     def _expect_issued(self, phase: str, command: str, attempt: int | None) -> Self:
         issued = [(c.phase, c.command, c.attempt) for c in self._last_commands]
         matches = [
-            c for c in self._last_commands
-            if c.phase == phase and c.command == command and (attempt is None or c.attempt == attempt)
+            c
+            for c in self._last_commands
+            if c.phase == phase
+            and c.command == command
+            and (attempt is None or c.attempt == attempt)
         ]
         what = "compensation" if phase == "compensation" else "command"
-        assert len(matches) == 1 and len(issued) == 1, self._explain(
-            f"expected {what} {command!r}" + (f" attempt {attempt}" if attempt else "")
-            + f", the last input issued {issued or 'nothing'}"
+        self._check(
+            len(matches) == 1 and len(issued) == 1,
+            self._explain(
+                f"expected {what} {command!r}"
+                + (f" attempt {attempt}" if attempt else "")
+                + f", the last input issued {issued or 'nothing'}"
+            ),
         )
         return self
+
+    def _check(self, condition: bool, problem: str) -> None:
+        # Not ``assert``: expectations must hold under ``python -O`` too.
+        if not condition:
+            raise AssertionError(problem)
 
     def _explain(self, problem: str) -> str:
         tail = [
             f"  v{e.originator_version} {type(e).__name__} "
-            + ", ".join(f"{k}={v}" for k, v in vars(e).items()
-                        if k in ("step", "attempt", "reason", "error_code", "plan", "phase"))
+            + ", ".join(
+                f"{k}={v}"
+                for k, v in vars(e).items()
+                if k in ("step", "attempt", "reason", "error_code", "plan", "phase")
+            )
             for e in self.events[-8:]
         ]
         status = self._state.status.value if self._state else "not started"

@@ -1,0 +1,1 @@
+"""Publishes committed outbox rows through Celery (see the outbox relay issue)."""

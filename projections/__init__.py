@@ -1,0 +1,1 @@
+"""Read models that follow the saga event log (see the projections issue)."""

@@ -286,7 +286,10 @@ class _Plan:
         if step.retry.allows_another(attempt, code, retryable=retryable):
             self.schedule_retry("action", step, attempt + 1, step.retry.delay_before)
             return
-        timed_out = code == TIMEOUT
+        # In doubt only if the saga's own deadline passed: a participant may reply with an
+        # error code that happens to be "timeout", and that reply is a definite answer.
+        last = command_id(self.state.saga_id, "action", step.name, attempt)
+        timed_out = self.state.commands[last].outcome == "timed_out"
         if step.kind is StepKind.RETRIABLE:
             self.stuck(
                 step,

@@ -14,7 +14,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,16 +23,18 @@ from uuid import UUID
 from eventsourcing.persistence import IntegrityError, PersistenceError
 from pydantic import BaseModel, ValidationError
 
-from saga_es.aggregate import Saga
 from saga_es.decide import Decision, TimerFired, begin, decide
 from saga_es.definition import SagaDefinition
 from saga_es.errors import (
     ConcurrencyError,
     InvalidSagaDataError,
+    SagaError,
     StartConflictError,
     StoreError,
+    UnknownCommandError,
     UnknownSagaError,
 )
+from saga_es.events import ReplyIgnored
 from saga_es.ids import saga_id_for
 from saga_es.messages import CommandMessage, ReplyMessage, parse_reply
 from saga_es.persistence.settings import DatabaseSettings
@@ -127,29 +129,78 @@ class SagaEngine:
             )
         model = self._validate_data(d, data, business_key)
         saga_id = saga_id_for(d.name, business_key)
-        for _ in range(2):
-            existing = self.store.load(saga_id)
-            if existing is not None:
-                return self._existing_start(existing, d, model, business_key)
-            decision = begin(
-                d,
-                saga_id=saga_id,
-                business_key=business_key,
-                data=model,
-                correlation_id=correlation_id or str(uuid.uuid4()),
-                now=self.clock(),
-            )
-            try:
-                self._commit(None, decision)
-            except IntegrityError:
-                continue  # started concurrently: the loop returns the winner's saga
-            return self._outcome(decision, created=True)
-        raise ConcurrencyError(saga_id=saga_id, attempts=2)
+        decision = begin(
+            d,
+            saga_id=saga_id,
+            business_key=business_key,
+            data=model,
+            correlation_id=correlation_id or str(uuid.uuid4()),
+            now=self.clock(),
+        )
+        try:
+            # Optimistic: a first start is the common case, and the event store's key on
+            # (saga id, version 1) is the "already started" check, race-free.
+            self._commit(decision)
+        except IntegrityError:
+            existing = self.store.load_state(saga_id)
+            if existing is None:  # the key held, yet no stream: the database is inconsistent
+                raise ConcurrencyError(saga_id=saga_id, attempts=1) from None
+            return self._existing_start(existing, d, model, business_key)
+        return self._outcome(decision, created=True)
 
     def handle_reply(self, reply: ReplyMessage | Mapping[str, Any] | str | bytes) -> Outcome:
         """Feed a participant's reply to its saga. Redelivery of a handled reply is a no-op."""
         message = parse_reply(reply)
         return self._decide_with_retries(message.saga_id, message, reply_id=message.message_id)
+
+    def handle_replies(
+        self, replies: Sequence[ReplyMessage | Mapping[str, Any] | str | bytes]
+    ) -> list[Outcome | SagaError]:
+        """Handle a batch of replies, committing their decisions in one transaction.
+
+        For a worker that drains a reply queue: the per-transaction cost (commit, event-table
+        lock, round trips) is paid once per batch instead of once per reply. Each result is
+        the reply's ``Outcome``, or the ``SagaError`` it was rejected with; one bad reply never
+        fails the others. If the group commit conflicts (another worker advanced one of the
+        sagas, or a reply was handled already) every reply falls back to ``handle_reply``.
+        """
+        results: list[Outcome | SagaError | None] = [None] * len(replies)
+        states: dict[UUID, SagaState] = {}
+        grouped: list[tuple[int, ReplyMessage, Decision]] = []
+        alone: list[tuple[int, ReplyMessage]] = []
+        for index, raw in enumerate(replies):
+            try:
+                message = parse_reply(raw)
+                state = states.get(message.saga_id) or self._load(
+                    message.saga_id, what="reply", cached_ok=True
+                )
+                definition = self.definitions.get(state.definition, state.definition_version)
+                decision = decide(definition, state, message, self.clock())
+            except UnknownCommandError:
+                alone.append((index, message))  # the cached state may be behind: check alone
+                continue
+            except SagaError as exc:
+                results[index] = exc
+                continue
+            if _commits_nothing_new(decision):
+                alone.append((index, message))
+                continue
+            assert decision.state is not None
+            states[message.saga_id] = decision.state
+            grouped.append((index, message, decision))
+        if grouped:
+            try:
+                self._commit_many([(d, m.message_id) for _, m, d in grouped])
+                for index, _, decision in grouped:
+                    results[index] = self._outcome(decision)
+            except IntegrityError:
+                alone.extend((index, message) for index, message, _ in grouped)
+        for index, message in sorted(alone, key=lambda pair: pair[0]):
+            try:
+                results[index] = self.handle_reply(message)
+            except SagaError as exc:
+                results[index] = exc
+        return [r for r in results if r is not None]
 
     def handle_timer(self, saga_id: UUID, timer_id: UUID) -> Outcome:
         """A timer came due. A timer that is no longer the saga's current one changes nothing."""
@@ -159,7 +210,7 @@ class SagaEngine:
 
     def get_state(self, saga_id: UUID, *, version: int | None = None) -> SagaState:
         """The saga's state now, or as it was after event ``version`` (time travel)."""
-        return self._load(saga_id, what="query", version=version).saga_state
+        return self._load(saga_id, what="query", version=version)
 
     def events(self, saga_id: UUID) -> list[Any]:
         events = self.store.events(saga_id)
@@ -175,48 +226,61 @@ class SagaEngine:
     def _decide_with_retries(
         self, saga_id: UUID, message: ReplyMessage | TimerFired, *, reply_id: UUID | None
     ) -> Outcome:
+        # The first attempt decides on the cached state without reading the stream. If that
+        # state is behind, a decision that changes the saga cannot commit (its version is
+        # taken), so only outcomes that commit nothing need checking against the stream.
+        fresh = False
+        what = "reply" if reply_id else "timer"
         for attempt in range(1, self.max_conflict_retries + 1):
-            saga = self._load(saga_id, what="reply" if reply_id else "timer")
-            state = saga.saga_state
+            state = self._load(saga_id, what=what, cached_ok=not fresh)
             definition = self.definitions.get(state.definition, state.definition_version)
-            decision = decide(definition, state, message, self.clock())
+            try:
+                decision = decide(definition, state, message, self.clock())
+            except UnknownCommandError:
+                if fresh:
+                    raise
+                fresh = True
+                continue
+            if not fresh and _commits_nothing_new(decision):
+                fresh = True
+                continue
             if not decision.changed:
                 return Outcome(saga_id, state)
             try:
-                self._commit(saga, decision, reply_id=reply_id)
+                self._commit(decision, reply_id=reply_id)
             except IntegrityError:
                 if reply_id is not None and self.store.has_reply(reply_id):
                     # Already handled (possibly by a worker racing us): nothing more to do.
-                    return Outcome(
-                        saga_id, self._load(saga_id, what="reply").saga_state, duplicate=True
-                    )
+                    return Outcome(saga_id, self._load(saga_id, what=what), duplicate=True)
                 log.debug("saga %s: concurrency conflict, deciding again (%d)", saga_id, attempt)
+                fresh = True
                 time.sleep(random.uniform(0, 0.002 * attempt))  # de-synchronise racing workers
                 continue
             return self._outcome(decision)
         raise ConcurrencyError(saga_id=saga_id, attempts=self.max_conflict_retries)
 
-    def _commit(
-        self, saga: Saga | None, decision: Decision, *, reply_id: UUID | None = None
-    ) -> None:
+    def _commit(self, decision: Decision, *, reply_id: UUID | None = None) -> None:
+        self._commit_many([(decision, reply_id)])
+
+    def _commit_many(self, decisions: Sequence[tuple[Decision, UUID | None]]) -> None:
         try:
-            self.store.commit(saga, decision, reply_id=reply_id)
+            self.store.commit_many(decisions)
         except IntegrityError:
             raise
         except PersistenceError as exc:
-            state = decision.state
-            raise StoreError(
-                f"saga {state.saga_id if state else '?'}: decision not recorded: {exc}"
-            ) from exc
+            sagas = ", ".join(str(d.state.saga_id) for d, _ in decisions if d.state)
+            raise StoreError(f"saga {sagas}: decision not recorded: {exc}") from exc
 
-    def _load(self, saga_id: UUID, *, what: str, version: int | None = None) -> Saga:
+    def _load(
+        self, saga_id: UUID, *, what: str, version: int | None = None, cached_ok: bool = False
+    ) -> SagaState:
         try:
-            saga = self.store.load(saga_id, version=version)
+            state = self.store.load_state(saga_id, version=version, cached_ok=cached_ok)
         except PersistenceError as exc:
             raise StoreError(f"saga {saga_id}: could not load: {exc}") from exc
-        if saga is None:
+        if state is None:
             raise UnknownSagaError(saga_id=saga_id, what=what)
-        return saga
+        return state
 
     def _validate_data(
         self, d: SagaDefinition, data: BaseModel | Mapping[str, Any], business_key: str
@@ -234,9 +298,8 @@ class SagaEngine:
             ) from exc
 
     def _existing_start(
-        self, saga: Saga, d: SagaDefinition, model: BaseModel, business_key: str
+        self, state: SagaState, d: SagaDefinition, model: BaseModel, business_key: str
     ) -> Outcome:
-        state = saga.saga_state
         if dict(state.data) != model.model_dump(mode="json"):
             raise StartConflictError(
                 saga_id=state.saga_id, definition=d.name, business_key=business_key
@@ -253,3 +316,8 @@ class SagaEngine:
             decision.commands,
             created=created,
         )
+
+
+def _commits_nothing_new(decision: Decision) -> bool:
+    """Nothing happened, or only an ignored reply: conclusions a stale state could draw."""
+    return all(isinstance(e, ReplyIgnored) for e in decision.events)

@@ -22,7 +22,6 @@ from psycopg.sql import SQL
 from psycopg.types.json import Jsonb
 
 from saga_es.errors import ConfigurationError
-from saga_es.messages import CommandMessage
 from saga_es.persistence.schema import OUTBOX_COLUMNS, postgres_statements
 from saga_es.persistence.writes import SideWrites
 
@@ -37,52 +36,80 @@ class SagaPostgresRecorder(PostgresApplicationRecorder):
                 "that writes outbox rows, so commands would be lost"
             )
         super().__init__(datastore, events_table_name=events_table_name)
-        schema = datastore.schema
-        self.sql_create_statements.extend(SQL(s).format() for s in postgres_statements(schema))
-        columns = ", ".join(OUTBOX_COLUMNS)
-        marks = ", ".join(["%s"] * len(OUTBOX_COLUMNS))
-        self._insert_outbox = f'INSERT INTO "{schema}".saga_outbox ({columns}) VALUES ({marks})'
-        self._insert_inbox = (
-            f'INSERT INTO "{schema}".saga_inbox (message_id, saga_id, received_at) '
-            "VALUES (%s, %s, %s)"
+        self.sql_create_statements.extend(
+            SQL(s).format() for s in postgres_statements(datastore.schema)
         )
-        self._upsert_timer = (
-            f'INSERT INTO "{schema}".saga_timers '
-            "(saga_id, timer_id, kind, phase, step, attempt, due_at) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (saga_id) DO UPDATE SET "
-            "timer_id = EXCLUDED.timer_id, kind = EXCLUDED.kind, phase = EXCLUDED.phase, "
-            "step = EXCLUDED.step, attempt = EXCLUDED.attempt, due_at = EXCLUDED.due_at"
-        )
-        self._delete_timer = f'DELETE FROM "{schema}".saga_timers WHERE saga_id = %s'
+        self._side_writes = SQL(side_writes_sql(datastore.schema))
 
     def _insert_events(
         self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> None:
         writes: SideWrites | None = kwargs.get("side_writes")
         if writes is not None:
-            # Take the events table's EXCLUSIVE lock now rather than at the events INSERT, so
-            # that outbox ``seq`` values are handed out in commit order too (the library takes
-            # the same lock again later; a second LOCK in one transaction is a no-op).
-            self._lock_table(curs)
-            if writes.reply_id is not None:
-                # A redelivered reply violates saga_inbox_pkey: the whole decision rolls back.
-                curs.execute(self._insert_inbox, (writes.reply_id, writes.saga_id, writes.at))
-            if writes.outbox:
-                rows = [_outbox_row(c, i) for i, c in enumerate(writes.outbox)]
-                curs.executemany(self._insert_outbox, rows)
-            if writes.timer is None:
-                curs.execute(self._delete_timer, (writes.saga_id,))
-            else:
-                t = writes.timer
-                curs.execute(
-                    self._upsert_timer,
-                    (writes.saga_id, t.timer_id, t.kind, t.phase, t.step, t.attempt, t.due),
-                )
+            # One statement for all of it, whatever the number of decisions: every statement
+            # costs a trip through psycopg's pipeline on the engine's hot path.
+            curs.execute(self._side_writes, _parameters(writes), prepare=True)
         super()._insert_events(curs, stored_events, **kwargs)
 
 
-def _outbox_row(command: CommandMessage, position: int) -> tuple[Any, ...]:
-    values = command.model_dump()
-    values["position"] = position
-    values["payload"] = Jsonb(command.model_dump(mode="json", include={"payload"})["payload"])
-    return tuple(values[column] for column in OUTBOX_COLUMNS)
+def side_writes_sql(schema: str) -> str:
+    """Data-modifying CTEs fed by JSON arrays; the tables' own row types convert each field.
+
+    PostgreSQL runs every data-modifying CTE whether or not it is referenced. A repeated
+    inbox message id violates saga_inbox_pkey and aborts the transaction: nothing commits.
+    """
+    s = f'"{schema}"'
+    columns = ", ".join(OUTBOX_COLUMNS)
+    timer_columns = "saga_id, timer_id, kind, phase, step, attempt, due_at"
+    return (
+        f"WITH inbox AS (INSERT INTO {s}.saga_inbox (message_id, saga_id, received_at) "
+        "SELECT message_id, saga_id, received_at "
+        f"FROM jsonb_populate_recordset(NULL::{s}.saga_inbox, %(inbox)s)), "
+        f"outbox AS (INSERT INTO {s}.saga_outbox ({columns}) SELECT {columns} "
+        f"FROM jsonb_populate_recordset(NULL::{s}.saga_outbox, %(outbox)s)), "
+        f"timers AS (INSERT INTO {s}.saga_timers ({timer_columns}) SELECT {timer_columns} "
+        f"FROM jsonb_populate_recordset(NULL::{s}.saga_timers, %(timers)s) "
+        "ON CONFLICT (saga_id) DO UPDATE SET timer_id = EXCLUDED.timer_id, "
+        "kind = EXCLUDED.kind, phase = EXCLUDED.phase, step = EXCLUDED.step, "
+        "attempt = EXCLUDED.attempt, due_at = EXCLUDED.due_at), "
+        f"cleared AS (DELETE FROM {s}.saga_timers WHERE saga_id = ANY(%(cleared)s::uuid[])) "
+        # Relays LISTEN on this channel; a notification is delivered at commit, or never.
+        "SELECT CASE WHEN jsonb_array_length(%(outbox)s) > 0 "
+        "THEN pg_notify('saga_outbox', '') END"
+    )
+
+
+def _parameters(writes: SideWrites) -> dict[str, Any]:
+    outbox = []
+    for command, position in writes.outbox_positions():
+        row = command.model_dump(mode="json")
+        row["position"] = position
+        outbox.append(row)
+    return {
+        "inbox": Jsonb(
+            [
+                {
+                    "message_id": str(e.message_id),
+                    "saga_id": str(e.saga_id),
+                    "received_at": e.received_at.isoformat(),
+                }
+                for e in writes.inbox
+            ]
+        ),
+        "outbox": Jsonb(outbox),
+        "timers": Jsonb(
+            [
+                {
+                    "saga_id": str(saga_id),
+                    "timer_id": str(t.timer_id),
+                    "kind": t.kind,
+                    "phase": t.phase,
+                    "step": t.step,
+                    "attempt": t.attempt,
+                    "due_at": t.due.isoformat(),
+                }
+                for saga_id, t in writes.timers
+            ]
+        ),
+        "cleared": list(writes.cleared_timers),
+    }

@@ -18,10 +18,9 @@ Ordering the relay may rely on
 * The row for a saga's later command is never committed before the row of an earlier one. A
   relay that, for each saga, only publishes the unpublished row with the lowest
   ``(saga_version, position)`` therefore publishes each saga's commands in decision order.
-* ``seq`` is assigned in commit order on PostgreSQL, because the decision takes the event
-  table's EXCLUSIVE lock before inserting outbox rows (see ``postgres.py``); on SQLite there is
-  one writer at a time. It still has gaps (rolled-back decisions burn values), so a relay must
-  claim unpublished rows (``published_at IS NULL``), never tail ``seq`` as a cursor.
+* ``seq`` only orders rows roughly by age (for fairness between sagas). It is not assigned in
+  commit order and has gaps (rolled-back decisions burn values), so a relay must claim
+  unpublished rows (``published_at IS NULL``), never tail ``seq`` as a cursor.
 * Across sagas there is no order, and ``created_at`` (the decision's ``now``) is not one.
 """
 

@@ -81,7 +81,6 @@ class DatabaseSettings:
             # should surface as an error (retried by the library) instead.
             "POSTGRES_LOCK_TIMEOUT": options.get("lock_timeout", "10"),
             "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": "30",
-            "POSTGRES_PRE_PING": "y",
             "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
             "APPLICATION_RECORDER_TOPIC": get_topic(SagaPostgresRecorder),
         }

@@ -44,19 +44,24 @@ class SagaSQLiteRecorder(SQLiteApplicationRecorder):
         notification_ids = super()._insert_events(c, stored_events, **kwargs)
         writes: SideWrites | None = kwargs.get("side_writes")
         if writes is not None:
-            saga = writes.saga_id.hex
-            if writes.reply_id is not None:
-                c.execute(_INSERT_INBOX, (writes.reply_id.hex, saga, sqlite_time(writes.at)))
-            for position, command in enumerate(writes.outbox):
-                c.execute(_INSERT_OUTBOX, _outbox_row(command, position))
-            if writes.timer is None:
-                c.execute(_DELETE_TIMER, (saga,))
-            else:
-                t = writes.timer
-                c.execute(
-                    _UPSERT_TIMER,
-                    (saga, t.timer_id.hex, t.kind, t.phase, t.step, t.attempt, sqlite_time(t.due)),
-                )
+            c.executemany(
+                _INSERT_INBOX,
+                [
+                    (e.message_id.hex, e.saga_id.hex, sqlite_time(e.received_at))
+                    for e in writes.inbox
+                ],
+            )
+            c.executemany(
+                _INSERT_OUTBOX, [_outbox_row(c_, p) for c_, p in writes.outbox_positions()]
+            )
+            c.executemany(
+                _UPSERT_TIMER,
+                [
+                    (s.hex, t.timer_id.hex, t.kind, t.phase, t.step, t.attempt, sqlite_time(t.due))
+                    for s, t in writes.timers
+                ],
+            )
+            c.executemany(_DELETE_TIMER, [(s.hex,) for s in writes.cleared_timers])
         return notification_ids
 
 

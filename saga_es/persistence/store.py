@@ -8,8 +8,7 @@ tests and tools read the side tables through ``outbox``/``timers``/``has_reply``
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
@@ -21,7 +20,9 @@ from saga_es.aggregate import Saga
 from saga_es.decide import Decision
 from saga_es.errors import ConfigurationError, StoreError
 from saga_es.persistence.settings import DatabaseSettings
+from saga_es.persistence.state_cache import StateCache
 from saga_es.persistence.writes import SideWrites, parse_sqlite_time
+from saga_es.state import SagaState, evolve, replay
 
 __all__ = ["SagaApplication", "SagaStore", "init_database"]
 
@@ -41,9 +42,11 @@ class SagaStore:
         *,
         create_tables: bool | None = None,
         recorder_topic: str | None = None,
+        cache_size: int = 10_000,
     ) -> None:
         """``create_tables`` defaults to on for SQLite (embedded use) and off for PostgreSQL,
-        where several workers creating tables at once fail: run ``saga-es db init`` once."""
+        where several workers creating tables at once fail: run ``saga-es db init`` once.
+        ``cache_size`` bounds the saga states kept between decisions (0 keeps none)."""
         self.settings = settings
         if create_tables is None:
             create_tables = settings.backend == "sqlite"
@@ -60,6 +63,7 @@ class SagaStore:
             raise StoreError(f"cannot open saga store at {settings.redacted()}: {exc}") from exc
         if not create_tables:
             self._require_tables()
+        self._states = StateCache(cache_size)
 
     # -- the stream ---------------------------------------------------------------------------
 
@@ -73,30 +77,54 @@ class SagaStore:
     def events(self, saga_id: UUID) -> list[Any]:
         return list(self.app.events.get(saga_id))
 
-    def commit(
-        self, saga: Saga | None, decision: Decision, *, reply_id: UUID | None = None
-    ) -> None:
+    def load_state(
+        self, saga_id: UUID, *, version: int | None = None, cached_ok: bool = False
+    ) -> SagaState | None:
+        """The saga's state, from the cache brought up to date by reading only newer events.
+
+        States are frozen, so a cached one is shared, never copied, and only committed states
+        are cached. ``cached_ok`` skips the read when the saga is cached: the caller must then
+        treat the state as possibly behind (a decision on it cannot commit if it is: its next
+        version already exists). ``version`` replays the stream up to that event (time travel).
+        """
+        if version is not None:
+            events = self.app.events.get(saga_id, lte=version)
+            return replay(events) if events else None
+        cached = self._states.get(saga_id)
+        if cached_ok and cached is not None:
+            return cached
+        state = cached
+        for event in self.app.events.get(saga_id, gt=cached.version if cached else None):
+            state = evolve(state, event)
+        if state is not None and state is not cached:
+            self._states.put(saga_id, state)
+        return state
+
+    def commit(self, decision: Decision, *, reply_id: UUID | None = None) -> None:
         """Append the decision's events and write its side rows, all in one transaction.
 
         Raises eventsourcing's ``IntegrityError`` when another writer advanced the saga first
         (or the reply was already handled); nothing of this decision is then stored.
         """
-        if decision.state is None or not decision.events:
+        self.commit_many([(decision, reply_id)])
+
+    def commit_many(self, decisions: Sequence[tuple[Decision, UUID | None]]) -> None:
+        """Commit several decisions in one transaction (group commit): all of them, or none.
+
+        Each pair is a decision and the reply that caused it (None for a start or a timer).
+        Decisions for the same saga must be in the order they were decided.
+        """
+        if not decisions or any(d.state is None or not d.events for d, _ in decisions):
             raise ValueError("an empty decision has nothing to commit")
-        if saga is None:
-            saga = decision.events[0].mutate(None)
-            saga.pending_events.append(decision.events[0])
-            saga.record(decision.events[1:])
-        else:
-            saga.record(decision.events)
-        writes = SideWrites(
-            saga_id=decision.state.saga_id,
-            at=decision.events[-1].timestamp,
-            outbox=decision.commands,
-            timer=decision.timer,
-            reply_id=reply_id,
-        )
-        self.app.save(saga, side_writes=writes)
+        events = [event for decision, _ in decisions for event in decision.events]
+        # The events go in as they are: ``decide`` built them as the sagas' next versions, and
+        # the event store's (saga id, version) key is the concurrency check. ``events.put`` is
+        # what ``Application.save`` calls once it has collected events from aggregates; with
+        # ready events, that collecting (a runtime Protocol check per event) is pure cost.
+        self.app.events.put(events, side_writes=SideWrites.of(decisions))
+        for decision, _ in decisions:
+            assert decision.state is not None
+            self._states.put(decision.state.saga_id, decision.state)
 
     # -- the side tables ----------------------------------------------------------------------
 
@@ -182,12 +210,3 @@ def _require_schema(settings: DatabaseSettings, *, create: bool) -> None:
                 c.execute(f'CREATE SCHEMA IF NOT EXISTS "{settings.schema}"')
     except psycopg.Error as exc:
         raise StoreError(f"cannot reach PostgreSQL at {settings.redacted()}: {exc}") from exc
-
-
-@contextmanager
-def opened(settings: DatabaseSettings, **options: Any) -> Iterator[SagaStore]:
-    store = SagaStore(settings, **options)
-    try:
-        yield store
-    finally:
-        store.close()

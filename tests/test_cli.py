@@ -25,7 +25,8 @@ def test_demo_runs_sagas_to_completion_and_compensation(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "in-process" in out  # the demo says its replies do not cross a broker yet
-    assert "completed" in out and "failed" in out
+    assert "completed" in out
+    assert "failed" in out
     assert "SagaCompensated" in out  # the timeline of a compensated saga
     assert (tmp_path / "saga-es-demo.db").exists()
 

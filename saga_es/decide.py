@@ -224,7 +224,9 @@ class _Plan:
         )
         message = f"no reply within {self._timeout(timer.phase, step)}"
         if timer.phase == "action":
-            self.action_failed(step, timer.attempt, TIMEOUT, message, retryable=True)
+            self.action_failed(
+                step, timer.attempt, TIMEOUT, message, retryable=True, timed_out=True
+            )
         else:
             self.compensation_failed(step, timer.attempt, TIMEOUT, message, retryable=True)
 
@@ -281,15 +283,20 @@ class _Plan:
             self.record(ev.SagaCompleted)
 
     def action_failed(
-        self, step: Step, attempt: int, code: str, message: str, retryable: bool
+        self,
+        step: Step,
+        attempt: int,
+        code: str,
+        message: str,
+        retryable: bool,
+        *,
+        timed_out: bool = False,
     ) -> None:
         if step.retry.allows_another(attempt, code, retryable=retryable):
             self.schedule_retry("action", step, attempt + 1, step.retry.delay_before)
             return
-        # In doubt only if the saga's own deadline passed: a participant may reply with an
-        # error code that happens to be "timeout", and that reply is a definite answer.
-        last = command_id(self.state.saga_id, "action", step.name, attempt)
-        timed_out = self.state.commands[last].outcome == "timed_out"
+        # timed_out: the saga's own deadline passed, so the outcome is in doubt. A reply whose
+        # error code happens to be "timeout" is an answer, not a missed deadline.
         if step.kind is StepKind.RETRIABLE:
             self.stuck(
                 step,
@@ -378,8 +385,19 @@ class _Plan:
             error_code=code,
             message=message,
             compensated=list(self.state.compensated),
-            not_compensated=list(self.state.remaining_compensations),
+            not_compensated=self._not_compensated(),
         )
+
+    def _not_compensated(self) -> list[str]:
+        """Effects an operator may still have to undo: the plan's remaining steps once
+        compensation began; before that, while the pivot has not succeeded, every completed
+        compensatable step (latest first). After the pivot nothing is to be undone."""
+        if self.state.compensation_plan:
+            return list(self.state.remaining_compensations)
+        steps = [self.definition.step_named(s) for s in self.state.succeeded]
+        if any(s.kind is StepKind.PIVOT for s in steps):
+            return []
+        return [s.name for s in reversed(steps) if s.is_compensatable]
 
     def _timeout(self, phase: Phase, step: Step) -> Any:
         return step.timeout if phase == "action" else step.compensation_timeout

@@ -117,7 +117,8 @@ class SagaState:
     results: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     compensation_plan: tuple[str, ...] = ()
     compensated: tuple[str, ...] = ()
-    failure: Failure | None = None
+    failure: Failure | None = None  # the failure that turned the saga back (or stopped it)
+    stuck: Failure | None = None  # where it got stuck, when that differs from ``failure``
     stuck_reason: str | None = None
     ignored_replies: int = 0
 
@@ -236,7 +237,9 @@ def _stuck(s: SagaState, e: ev.SagaStuck) -> Changes:
         "awaiting": None,
         "retry_wait": None,
         "stuck_reason": e.reason,
-        "failure": Failure(e.step, e.error_code, e.message),
+        "stuck": Failure(e.step, e.error_code, e.message),
+        # A compensation that got stuck keeps the original cause as the saga's failure.
+        "failure": s.failure or Failure(e.step, e.error_code, e.message),
     }
 
 

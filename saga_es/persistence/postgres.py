@@ -35,6 +35,12 @@ class SagaPostgresRecorder(PostgresApplicationRecorder):
                 "POSTGRES_ENABLE_DB_FUNCTIONS must stay off: its insert function skips the hook "
                 "that writes outbox rows, so commands would be lost"
             )
+        # No server-side prepared statements on these connections. When a pipelined decision
+        # fails part-way (a redelivered reply, a lost concurrency race), psycopg's cache of
+        # them goes out of step with the server: it counts as prepared a statement whose
+        # Parse the server skipped, and every later use of it on that connection fails with
+        # 'prepared statement "_pg3_N" does not exist'. The pool connects lazily, after this.
+        datastore.pool.kwargs["prepare_threshold"] = None  # type: ignore[index]
         super().__init__(datastore, events_table_name=events_table_name)
         self.sql_create_statements.extend(
             SQL(s).format() for s in postgres_statements(datastore.schema)

@@ -210,6 +210,8 @@ class _Plan:
         timer = next_timer(self.state)
         if timer is None or timer.timer_id != timer_id:
             return  # already handled, or superseded: firing twice changes nothing
+        if self.now < timer.due:
+            return  # early (clocks differ between processes): it stays, to fire again later
         step = self.definition.step_named(timer.step)
         if timer.kind == "retry":
             self.issue(timer.phase, step, timer.attempt)

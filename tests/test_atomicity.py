@@ -348,15 +348,20 @@ def test_our_recorders_put_all_extra_work_in_the_insert_events_hook() -> None:
 
 
 @pytest.mark.postgres
-def test_enable_db_functions_in_the_application_env_var_is_refused(
+def test_the_process_environment_cannot_override_the_database_url(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The application-prefixed variable wins over the settings' own "n".
+    # eventsourcing reads its settings from os.environ, application-prefixed keys first; the
+    # store is configured by its URL alone, so none of these may take effect.
     monkeypatch.setenv("SAGA_POSTGRES_ENABLE_DB_FUNCTIONS", "y")
-    with pytest.raises(ConfigurationError, match="POSTGRES_ENABLE_DB_FUNCTIONS"):
-        SagaStore(DatabaseSettings.from_url(postgres_url))
-    with pytest.raises(ConfigurationError, match="POSTGRES_ENABLE_DB_FUNCTIONS"):
-        SagaEngine([order_fulfillment], database_url=postgres_url)
+    monkeypatch.setenv("POSTGRES_ENABLE_DB_FUNCTIONS", "y")
+    monkeypatch.setenv("SAGA_CREATE_TABLE", "y")
+    monkeypatch.setenv("SAGA_PERSISTENCE_MODULE", "eventsourcing.popo")
+    with SagaEngine([order_fulfillment], database_url=postgres_url) as engine:
+        recorder = engine.store.app.recorder
+        assert recorder.datastore.enable_db_functions is False  # type: ignore[attr-defined]
+        engine.start(SAGA, order(1), business_key="o-1")
+        assert len(engine.store.outbox()) == 1  # went through the hook, into PostgreSQL
 
 
 @pytest.mark.postgres
@@ -526,7 +531,7 @@ def test_the_loser_of_a_concurrency_conflict_leaves_no_rows(database_url: str) -
         assert loser.commands[0].message_id not in outbox_ids
         assert outbox_ids[-1] == winner.commands[0].message_id
         events = store.events(saga_id)
-        assert list(events[-len(winner.events):]) == list(winner.events)
+        assert list(events[-len(winner.events) :]) == list(winner.events)
         assert len(events) == 4 + len(winner.events)
         timer = next_timer(winner.state)  # type: ignore[arg-type]
         assert timer is not None

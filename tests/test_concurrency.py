@@ -46,7 +46,10 @@ EXPECTED_COMMANDS = {
 }
 ISSUING = (ev.StepCommandIssued, ev.CompensationIssued)
 ANSWERING = (
-    ev.StepSucceeded, ev.StepFailed, ev.CompensationSucceeded, ev.CompensationFailed,
+    ev.StepSucceeded,
+    ev.StepFailed,
+    ev.CompensationSucceeded,
+    ev.CompensationFailed,
     ev.ReplyIgnored,
 )
 
@@ -206,8 +209,10 @@ def test_eight_engines_driving_the_same_sagas_decide_each_command_once(
         assert rounds.finished, f"sagas still running after {MAX_ROUNDS} rounds"
 
         stats = sum((w.stats for w in workers), Counter())
-        print(f"\n{WORKERS} workers, {SAGAS} sagas, {rounds.played - 1} rounds: {dict(stats)}; "
-              f"{conflicts.conflicts} optimistic-concurrency conflicts retried")
+        print(
+            f"\n{WORKERS} workers, {SAGAS} sagas, {rounds.played - 1} rounds: {dict(stats)}; "
+            f"{conflicts.conflicts} optimistic-concurrency conflicts retried"
+        )
         assert stats["started"] == SAGAS
 
         store = engines[0].store
@@ -242,12 +247,14 @@ def test_eight_engines_driving_the_same_sagas_decide_each_command_once(
         # made exactly one decision (one answering event), however often it was delivered.
         settings = DatabaseSettings.from_url(postgres_url)
         with psycopg.connect(settings.psycopg_conninfo) as conn:
-            inbox = [r[0] for r in conn.execute(
-                f'SELECT message_id FROM "{settings.schema}".saga_inbox'
-            ).fetchall()]
+            inbox = [
+                r[0]
+                for r in conn.execute(
+                    f'SELECT message_id FROM "{settings.schema}".saga_inbox'
+                ).fetchall()
+            ]
         assert set(inbox) == set().union(*(w.sent for w in workers))
         assert len(inbox) == answered_total
     finally:
         for engine in engines:
             engine.close()
-

@@ -676,7 +676,7 @@ def test_retry_timer_fired_twice_changes_nothing() -> None:
     s = at_step(CHARGE)
     s.time_out()
     retry = s.timer.timer_id
-    s.fire_timer(retry).expect_command("payment.charge", attempt=2)
+    s.retry_now().expect_command("payment.charge", attempt=2)
     with Unchanged(s, reason=None):
         s.fire_timer(retry)
 
@@ -768,3 +768,13 @@ def test_command_messages_are_valid_commands() -> None:
         assert isinstance(c, CommandMessage)
         assert CommandMessage.model_validate(c.model_dump()) == c
         assert c.created_at <= c.deadline
+
+
+def test_a_deadline_fired_before_it_is_due_changes_nothing() -> None:
+    # Timer processes and engines read different clocks: an early firing must not time out.
+    s = start()
+    deadline = s.timer
+    s.fire_timer(deadline.timer_id).expect_unchanged()
+    assert s.state.awaiting is not None
+    assert s.timer == deadline  # still there, to fire when due
+    s.advance(deadline.due - s.now).expect_events("StepTimedOut", "RetryScheduled")

@@ -91,7 +91,11 @@ def assert_timer_follows(store: SagaStore, state: SagaState) -> None:
     assert len(rows) == 1
     (row,) = rows
     assert (row["timer_id"], row["kind"], row["phase"], row["step"], row["attempt"]) == (
-        timer.timer_id, timer.kind, timer.phase, timer.step, timer.attempt,
+        timer.timer_id,
+        timer.kind,
+        timer.phase,
+        timer.step,
+        timer.attempt,
     )
     assert moment(row["due_at"]) == timer.due
 
@@ -263,7 +267,10 @@ def test_happy_path_outbox_holds_every_command_decided_and_the_timer_follows(
     state = engine.get_state(saga_id)
     assert state.status is SagaStatus.COMPLETED
     assert [c.command for o in decisions for c in o.commands] == [
-        "inventory.reserve", "payment.charge", "shipping.create", "notification.send",
+        "inventory.reserve",
+        "payment.charge",
+        "shipping.create",
+        "notification.send",
     ]
     assert_outbox_is(engine.store, saga_id, decisions)
     assert engine.store.timers() == []
@@ -306,7 +313,9 @@ def test_compensation_path_outbox_holds_the_compensation_and_the_timer_follows(
     assert state.status is SagaStatus.FAILED
     assert state.compensated == ("reserve_inventory",)
     assert [c.command for o in decisions for c in o.commands] == [
-        "inventory.reserve", "payment.charge", "inventory.release",
+        "inventory.reserve",
+        "payment.charge",
+        "inventory.release",
     ]
     assert_outbox_is(engine.store, saga_id, decisions)
     assert engine.store.timers() == []
@@ -423,8 +432,15 @@ def test_time_travel_equals_replaying_the_first_events(engine: SagaEngine) -> No
 
     events = engine.events(saga_id)
     assert [type(e).__name__ for e in events] == [
-        "SagaStarted", "StepCommandIssued", "StepSucceeded", "StepCommandIssued", "StepFailed",
-        "CompensationStarted", "CompensationIssued", "ReplyIgnored", "CompensationSucceeded",
+        "SagaStarted",
+        "StepCommandIssued",
+        "StepSucceeded",
+        "StepCommandIssued",
+        "StepFailed",
+        "CompensationStarted",
+        "CompensationIssued",
+        "ReplyIgnored",
+        "CompensationSucceeded",
         "SagaCompensated",
     ]
     assert [e.originator_version for e in events] == list(range(1, len(events) + 1))

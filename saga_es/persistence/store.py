@@ -15,6 +15,7 @@ from uuid import UUID
 import psycopg
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import PersistenceError
+from eventsourcing.utils import Environment, EnvType
 
 from saga_es.aggregate import Saga
 from saga_es.decide import Decision
@@ -33,6 +34,12 @@ _TIME_COLUMNS = {"deadline", "created_at", "published_at", "received_at", "due_a
 class SagaApplication(Application[UUID]):
     # The name prefixes the PostgreSQL tables: saga_events. (SQLite tables are never prefixed.)
     name = "Saga"
+
+    def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
+        # The database URL is the whole configuration. eventsourcing would also read
+        # os.environ, with "SAGA_"-prefixed keys first, so a stray SAGA_CREATE_TABLE or
+        # SAGA_POSTGRES_ENABLE_DB_FUNCTIONS could silently override what the URL says.
+        return Environment(name, dict(env or {}))
 
 
 class SagaStore:

@@ -98,3 +98,40 @@ ORDER = {
 
 def order(n: int | str = 1) -> dict[str, Any]:
     return {**ORDER, "order_id": f"o-{n}"}
+
+
+# -- RabbitMQ ---------------------------------------------------------------------------------
+
+RABBITMQ_HOST = os.environ.get("SAGA_ES_TEST_RABBITMQ", "guest:guest@127.0.0.1:5672")
+
+
+def _rabbitmqctl(*args: str) -> None:
+    import subprocess
+
+    result = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {result.stderr.strip()}")
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> Iterator[str]:
+    """A RabbitMQ virtual host for this test run; deleting it at the end removes every queue
+    and exchange the tests declared. Fails, never skips, when RabbitMQ is unreachable."""
+    import socket
+
+    host, port = RABBITMQ_HOST.rsplit("@", 1)[-1].split(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        pytest.fail(
+            f"RabbitMQ is unreachable at {host}:{port} ({exc}). These tests need a real broker: "
+            "start it (rabbitmq-server -detached).",
+            pytrace=False,
+        )
+    vhost = f"saga_es_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    try:
+        yield f"amqp://{RABBITMQ_HOST}/{vhost}"
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)

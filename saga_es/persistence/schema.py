@@ -4,6 +4,8 @@ saga_outbox: one row per command decided, written in the same transaction as the
     decided it. The relay publishes it and marks it published.
 saga_inbox: one row per reply handled (its message id), in the same transaction as the events
     the reply caused: a redelivered reply hits the primary key and changes nothing.
+saga_dead_letters: messages the engine could not use (malformed, unknown saga...), kept with
+    the reason so that nothing is dropped silently and an operator can look at them.
 saga_timers: each saga's single next wake-up (a reply deadline or a retry), replaced or deleted
     by every decision in the same transaction, so a timer can never outlive its reason.
 
@@ -75,6 +77,7 @@ def postgres_statements(schema: str) -> list[str]:
             published_at timestamptz,
             publish_attempts integer NOT NULL DEFAULT 0,
             last_error text,
+            parked_at timestamptz,
             UNIQUE (saga_id, saga_version, position))""",
         f"""CREATE INDEX IF NOT EXISTS saga_outbox_unpublished
             ON {s}.saga_outbox (seq) WHERE published_at IS NULL""",
@@ -91,6 +94,13 @@ def postgres_statements(schema: str) -> list[str]:
             attempt integer NOT NULL,
             due_at timestamptz NOT NULL)""",
         f"CREATE INDEX IF NOT EXISTS saga_timers_due ON {s}.saga_timers (due_at)",
+        f"""CREATE TABLE IF NOT EXISTS {s}.saga_dead_letters (
+            id bigserial PRIMARY KEY,
+            source text NOT NULL,
+            message_id text,
+            body text NOT NULL,
+            error text NOT NULL,
+            received_at timestamptz NOT NULL DEFAULT now())""",
     ]
 
 
@@ -119,6 +129,7 @@ def sqlite_statements() -> list[str]:
             published_at TEXT,
             publish_attempts INTEGER NOT NULL DEFAULT 0,
             last_error TEXT,
+            parked_at TEXT,
             UNIQUE (saga_id, saga_version, position))""",
         """CREATE INDEX IF NOT EXISTS saga_outbox_unpublished
             ON saga_outbox (seq) WHERE published_at IS NULL""",
@@ -135,4 +146,11 @@ def sqlite_statements() -> list[str]:
             attempt INTEGER NOT NULL,
             due_at TEXT NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS saga_timers_due ON saga_timers (due_at)",
+        """CREATE TABLE IF NOT EXISTS saga_dead_letters (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            source TEXT NOT NULL,
+            message_id TEXT,
+            body TEXT NOT NULL,
+            error TEXT NOT NULL,
+            received_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))""",
     ]

@@ -158,8 +158,20 @@ class SagaStore:
             f"SELECT * FROM {self.table('saga_timers')} {where} ORDER BY due_at", params
         )
 
+    def dead_letter(self, *, source: str, body: str, error: str, message_id: str | None) -> None:
+        """Keep a message the engine could not use, with the reason, outside any decision."""
+        sql = (
+            f"INSERT INTO {self.table('saga_dead_letters')} (source, message_id, body, error) "
+            "VALUES (?, ?, ?, ?)"
+        )
+        self._execute(sql, [source, message_id, body, error])
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        sql = f"SELECT * FROM {self.table('saga_dead_letters')} ORDER BY id"
+        return self._query(sql, [], uuid_columns=set())  # message_id: whatever arrived
+
     def count(self, table: str) -> int:
-        if table not in {"saga_outbox", "saga_inbox", "saga_timers", "events"}:
+        if table not in {"saga_outbox", "saga_inbox", "saga_timers", "saga_dead_letters", "events"}:
             raise ValueError(table)
         name = self.app.recorder.events_table_name if table == "events" else table  # type: ignore[attr-defined]
         return int(self._query(f"SELECT count(*) AS n FROM {self.table(name)}", [])[0]["n"])
@@ -175,7 +187,9 @@ class SagaStore:
             return f'"{self.settings.schema}".{name}'
         return name
 
-    def _query(self, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+    def _query(
+        self, sql: str, params: list[Any], uuid_columns: set[str] = _UUID_COLUMNS
+    ) -> list[dict[str, Any]]:
         datastore = self.app.recorder.datastore  # type: ignore[attr-defined]
         if self.settings.backend == "postgres":
             sql = sql.replace("?", "%s")
@@ -188,12 +202,21 @@ class SagaStore:
             rows = [dict(row) for row in cursor.fetchall()]
         # Give SQLite rows the same Python types PostgreSQL returns.
         for row in rows:
-            for column in _UUID_COLUMNS & row.keys():
+            for column in uuid_columns & row.keys():
                 row[column] = UUID(row[column])
             for column in _TIME_COLUMNS & row.keys():
                 if row[column] is not None:
                     row[column] = parse_sqlite_time(row[column])
         return rows
+
+    def _execute(self, sql: str, params: list[Any]) -> None:
+        datastore = self.app.recorder.datastore  # type: ignore[attr-defined]
+        if self.settings.backend == "postgres":
+            sql = sql.replace("?", "%s")
+        else:
+            params = [p.hex if isinstance(p, UUID) else p for p in params]
+        with datastore.transaction(commit=True) as cursor:
+            cursor.execute(sql, params)
 
     def _require_tables(self) -> None:
         try:

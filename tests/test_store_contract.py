@@ -514,3 +514,24 @@ def test_a_due_deadline_times_out_then_retries_and_firing_twice_changes_nothing(
 def test_a_timer_for_an_unknown_saga_is_an_error(engine: SagaEngine) -> None:
     with pytest.raises(UnknownSagaError):
         engine.handle_timer(uuid.uuid4(), uuid.uuid4())
+
+
+def test_a_reply_handled_by_another_engine_is_a_duplicate_for_a_stale_one(
+    database_url: str, clock: VirtualClock
+) -> None:
+    """The stale engine's decision fails on the inbox key, the first statement of its
+    transaction: that must surface as a duplicate at once, never as a store error."""
+    with (
+        SagaEngine([order_fulfillment], database_url=database_url, clock=clock) as first,
+        SagaEngine([order_fulfillment], database_url=database_url, clock=clock) as stale,
+    ):
+        for n in range(20):
+            saga_id = first.start(SAGA, order(n), business_key=f"o-{n}").saga_id
+            message = reply(awaited_row(first, saga_id), result={"n": n})
+            stale.get_state(saga_id)  # caches the state the reply is about to make stale
+            assert not first.handle_reply(message).duplicate
+
+            again = stale.handle_reply(message)
+
+            assert again.duplicate
+            assert again.state == first.get_state(saga_id)

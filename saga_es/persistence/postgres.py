@@ -54,7 +54,12 @@ class SagaPostgresRecorder(PostgresApplicationRecorder):
         if writes is not None:
             # One statement for all of it, whatever the number of decisions: every statement
             # costs a trip through psycopg's pipeline on the engine's hot path.
-            curs.execute(self._side_writes, _parameters(writes), prepare=True)
+            curs.execute(self._side_writes, _parameters(writes))
+            # Fetching the result makes this a sync point: a failure here (a reply already in
+            # the inbox) raises now, as the integrity error it is. Left for later, it surfaces
+            # while the library's statements queued behind it are processed, and the aborted
+            # pipeline is reported as an OperationalError that the library retries in vain.
+            curs.fetchone()
         super()._insert_events(curs, stored_events, **kwargs)
 
 

@@ -61,8 +61,9 @@ class SagaEvent(_AppliesToSaga, Aggregate.Event):
 
 
 @dataclass(frozen=True)
-class StepCommandIssued(SagaEvent):
-    TOPIC = "saga_es.events:StepCommandIssued"
+class _CommandIssued(SagaEvent):
+    """A command went into the outbox, in this event's transaction."""
+
     step: str
     attempt: int
     command_id: UUID
@@ -72,8 +73,7 @@ class StepCommandIssued(SagaEvent):
 
 
 @dataclass(frozen=True)
-class StepSucceeded(SagaEvent):
-    TOPIC = "saga_es.events:StepSucceeded"
+class _CommandSucceeded(SagaEvent):
     step: str
     attempt: int
     command_id: UUID
@@ -81,14 +81,28 @@ class StepSucceeded(SagaEvent):
 
 
 @dataclass(frozen=True)
-class StepFailed(SagaEvent):
-    TOPIC = "saga_es.events:StepFailed"
+class _CommandFailed(SagaEvent):
     step: str
     attempt: int
     command_id: UUID
     error_code: str
     message: str
     retryable: bool
+
+
+@dataclass(frozen=True)
+class StepCommandIssued(_CommandIssued):
+    TOPIC = "saga_es.events:StepCommandIssued"
+
+
+@dataclass(frozen=True)
+class StepSucceeded(_CommandSucceeded):
+    TOPIC = "saga_es.events:StepSucceeded"
+
+
+@dataclass(frozen=True)
+class StepFailed(_CommandFailed):
+    TOPIC = "saga_es.events:StepFailed"
 
 
 @dataclass(frozen=True)
@@ -127,34 +141,18 @@ class CompensationStarted(SagaEvent):
 
 
 @dataclass(frozen=True)
-class CompensationIssued(SagaEvent):
+class CompensationIssued(_CommandIssued):
     TOPIC = "saga_es.events:CompensationIssued"
-    step: str
-    attempt: int
-    command_id: UUID
-    command: str
-    queue: str
-    deadline: datetime
 
 
 @dataclass(frozen=True)
-class CompensationSucceeded(SagaEvent):
+class CompensationSucceeded(_CommandSucceeded):
     TOPIC = "saga_es.events:CompensationSucceeded"
-    step: str
-    attempt: int
-    command_id: UUID
-    result: dict[str, Any]
 
 
 @dataclass(frozen=True)
-class CompensationFailed(SagaEvent):
+class CompensationFailed(_CommandFailed):
     TOPIC = "saga_es.events:CompensationFailed"
-    step: str
-    attempt: int
-    command_id: UUID
-    error_code: str
-    message: str
-    retryable: bool
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,15 @@ class SagaStore:
 
     # -- the side tables ----------------------------------------------------------------------
 
+    def saga_ids(self) -> list[UUID]:
+        """Every saga in the store, oldest first (a scan: for tools and tests)."""
+        events = self.table(self.app.recorder.events_table_name)  # type: ignore[attr-defined]
+        sql = f"SELECT originator_id FROM {events} WHERE originator_version = 1 ORDER BY 1"
+        return [
+            r["originator_id"] if isinstance(r["originator_id"], UUID) else UUID(r["originator_id"])
+            for r in self._query(sql, [], uuid_columns=set())
+        ]
+
     def has_reply(self, message_id: UUID) -> bool:
         sql = f"SELECT 1 FROM {self.table('saga_inbox')} WHERE message_id = ?"
         return bool(self._query(sql, [message_id]))

@@ -1,0 +1,137 @@
+"""Apply one command exactly once per idempotency key, in one transaction.
+
+    claim the key ──taken──> replay the stored outcome (or refuse an action that was compensated)
+        │
+        ├─ compensation whose action never applied here ──> tombstone the action's key, succeed
+        │
+        └─ run the handler in a savepoint
+             ├─ returns        ──> record success + result
+             ├─ BusinessError  ──> roll back the savepoint, record the failure
+             └─ anything else  ──> roll back everything (nothing recorded): a transient failure,
+                                   raised to the caller, which tries again later
+
+Whichever way it goes, it is one transaction: the handler's writes (if they stay) and the inbox
+row are one fact. The reply is only built here; sending it is the caller's business, after the
+commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from saga_es.ids import idempotency_key
+from saga_es.messages import CommandMessage, ReplyMessage
+from saga_es.messaging import reply_id_for
+from saga_es.participant.errors import BusinessError
+from saga_es.participant.inbox import Inbox, InboxRecord
+from saga_es.participant.tables import FAILURE, SUCCESS, TOMBSTONE
+
+__all__ = ["COMPENSATED", "NOT_APPLIED", "Handler", "apply_command", "describe"]
+
+log = logging.getLogger("saga_es.participant")
+
+#: Handlers take the command and the session of the participant's transaction. They must not
+#: commit or roll back: the participant does, together with its inbox row.
+Handler = Callable[[CommandMessage, Session], Mapping[str, Any] | None]
+
+#: Error code of a late action refused because its compensation came first.
+COMPENSATED = "compensated"
+#: Result of a compensation whose action never took effect here: there was nothing to undo.
+NOT_APPLIED: Mapping[str, Any] = MappingProxyType(
+    {"undone": False, "reason": "the action never took effect here"}
+)
+
+
+def apply_command(
+    sessions: sessionmaker[Session], participant: str, command: CommandMessage, handler: Handler
+) -> ReplyMessage:
+    """Apply ``command`` with ``handler`` unless its effect was decided already; the reply.
+
+    Raises whatever the handler (or the database) raised other than ``BusinessError``, after
+    rolling back: the command may be tried again.
+    """
+    with sessions.begin() as session:
+        inbox = Inbox(session, participant)
+        if not inbox.claim(command):
+            return _replay(command, inbox.get(command.idempotency_key))
+        if command.phase == "compensation" and not _action_took_effect(inbox, command):
+            log.info("%s: the action never took effect here; nothing to undo", describe(command))
+            return _record(inbox, command, _success(command, NOT_APPLIED))
+        try:
+            with session.begin_nested():
+                result = handler(command, session)
+        except BusinessError as refusal:
+            return _record(inbox, command, _failure(command, refusal.code, refusal.message))
+        if result is not None and not isinstance(result, Mapping):
+            raise TypeError(
+                f"{describe(command)}: the handler returned {type(result).__name__}; "
+                "a handler returns a dict (the step's result) or None"
+            )
+        return _record(inbox, command, _success(command, result or {}))
+
+
+def _action_took_effect(inbox: Inbox, compensation: CommandMessage) -> bool:
+    """Whether the action this compensation undoes committed here. When it has not (yet),
+    its key is tombstoned in this transaction, so it can never commit later: "compensate an
+    in-doubt step" is safe because the no-op and the refusal are decided together."""
+    action_key = idempotency_key(compensation.saga_id, "action", compensation.step)
+    if inbox.tombstone(action_key, compensation):
+        return False
+    action = inbox.get(action_key)
+    return action is not None and action.outcome == SUCCESS
+
+
+def _replay(command: CommandMessage, entry: InboxRecord | None) -> ReplyMessage:
+    if entry is None:  # the key was taken, yet there is no row: only a deleted row does that
+        raise RuntimeError(f"{describe(command)}: inbox key taken but no row found; try again")
+    log.info(
+        "%s: decided already (%s, by message %s); replying that outcome again",
+        describe(command),
+        entry.outcome,
+        entry.first_message_id,
+    )
+    if entry.outcome == TOMBSTONE:
+        return _failure(
+            command,
+            COMPENSATED,
+            f"saga {command.saga_id} step '{command.step}': compensated before this action "
+            "arrived; it was not applied and will not be",
+        )
+    if entry.outcome == FAILURE:
+        return _failure(command, entry.error_code or "error", entry.error_message)
+    return _success(command, entry.result)
+
+
+def _record(inbox: Inbox, command: CommandMessage, reply: ReplyMessage) -> ReplyMessage:
+    inbox.record(
+        command,
+        outcome=reply.outcome,
+        result=reply.result,
+        error_code=reply.error_code,
+        error_message=reply.error_message,
+    )
+    return reply
+
+
+def _success(command: CommandMessage, result: Mapping[str, Any]) -> ReplyMessage:
+    reply = command.reply_success(reply_id_for(command), dict(result))
+    # Stored and sent as JSON: a Decimal or a UUID in a result becomes text once, here, so the
+    # replayed result is exactly the first one.
+    return ReplyMessage.model_validate(reply.model_dump(mode="json"))
+
+
+def _failure(command: CommandMessage, code: str, message: str) -> ReplyMessage:
+    return command.reply_failure(reply_id_for(command), code[:200], message[:10_000])
+
+
+def describe(command: CommandMessage) -> str:
+    """How log lines and errors name a command: saga, step, phase, command, attempt, message."""
+    return (
+        f"saga {command.saga_id} step '{command.step}' {command.phase} '{command.command}' "
+        f"attempt {command.attempt} (message {command.message_id})"
+    )

@@ -1,0 +1,192 @@
+"""A saga participant: the service side of a step, with its handlers and its inbox.
+
+    payments = Participant("payment", database_url="postgresql://.../shop?schema=payments")
+
+    @payments.handles("payment.charge", max_retries=5)
+    def charge(command: CommandMessage, session: Session) -> dict[str, Any]:
+        if declined(command.payload):
+            raise BusinessError("card_declined", "issuer said no")
+        session.add(Charge(order_id=command.payload["data"]["order_id"], ...))
+        return {"charge_id": ...}
+
+    celery -A shop.payments worker -Q payment
+
+Each command runs its handler at most once per ``idempotency_key`` (see ``applying``); the reply
+goes to the engine after the commit (see ``task``). ``process`` does the same without Celery.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+
+from celery import Celery
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from saga_es.messages import CommandMessage, ReplyMessage
+from saga_es.messaging import REPLY_QUEUE, REPLY_TASK, celery_app, reply_kwargs
+from saga_es.participant.applying import Handler, apply_command, describe
+from saga_es.participant.database import Database
+from saga_es.participant.tables import DeadLetter, Tables
+from saga_es.participant.task import register_task
+
+__all__ = ["Participant", "Registration"]
+
+P = ParamSpec("P")
+R = TypeVar("R", bound="Mapping[str, Any] | None")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Registration:
+    """One command a participant handles, and how transient failures are retried."""
+
+    command: str
+    queue: str
+    handler: Handler
+    max_retries: int
+    backoff: float
+    backoff_max: float
+    jitter: bool
+
+
+class Participant:
+    """The commands one service handles, the database its effects go to, the broker it uses.
+
+    name: the service, in logs and in the inbox rows.
+    database_url: where the inbox and the handlers' writes go (SQLAlchemy URL, PostgreSQL or
+        SQLite; see ``saga_es.participant.database`` for the saga-es options such as ``schema``).
+    broker_url: used when ``celery`` is not given; default ``$SAGA_ES_BROKER_URL``.
+    celery: a Celery app to register the handlers' tasks on, for several participants in one
+        worker. Build it with ``saga_es.messaging.celery_app`` so it speaks the wire contract.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        database_url: str,
+        broker_url: str | None = None,
+        celery: Celery | None = None,
+    ) -> None:
+        self.name = name
+        self.database = Database(database_url)
+        if celery is None:
+            celery = celery_app(broker_url, name=f"saga_es.participant.{name}")
+            # celery_app's default queue is the engine's reply queue: a worker started without
+            # -Q would consume replies there and drop them as tasks it does not know.
+            celery.conf.task_default_queue = name
+        self.celery = celery
+        self._registrations: dict[str, Registration] = {}
+        self._sessions: sessionmaker[Session] | None = None
+
+    def handles(
+        self,
+        command: str,
+        *,
+        queue: str | None = None,
+        max_retries: int = 5,
+        backoff: float = 1.0,
+        backoff_max: float = 60.0,
+        jitter: bool = True,
+    ) -> Callable[
+        [Callable[Concatenate[CommandMessage, Session, P], R]],
+        Callable[Concatenate[CommandMessage, Session, P], R],
+    ]:
+        """Register the decorated function as the handler of ``command``; it stays callable
+        as it was (tests can call it with a session of their own).
+
+        queue: where the command arrives, for ``queues`` (default: the command's prefix,
+            ``payment`` for ``payment.charge``, as saga definitions route by default).
+        max_retries: transient failures retried before replying a retryable failure (5).
+        backoff: seconds before the first retry (1.0), doubling each time up to
+            ``backoff_max`` seconds (60.0); with ``jitter`` (on) each delay is drawn from
+            [half of it, all of it].
+        """
+        if command in self._registrations:
+            raise ValueError(f"participant '{self.name}': '{command}' has a handler already")
+        if max_retries < 0 or backoff < 0 or backoff_max < backoff:
+            raise ValueError(
+                f"participant '{self.name}' command '{command}': need max_retries >= 0 and "
+                f"0 <= backoff <= backoff_max, got {max_retries}, {backoff}, {backoff_max}"
+            )
+
+        def register(
+            handler: Callable[Concatenate[CommandMessage, Session, P], R],
+        ) -> Callable[Concatenate[CommandMessage, Session, P], R]:
+            registration = Registration(
+                command=command,
+                queue=queue or command.split(".", 1)[0],
+                handler=cast(Handler, handler),
+                max_retries=max_retries,
+                backoff=backoff,
+                backoff_max=backoff_max,
+                jitter=jitter,
+            )
+            self._registrations[command] = registration
+            register_task(self, registration)
+            return handler
+
+        return register
+
+    @property
+    def commands(self) -> Sequence[str]:
+        return tuple(self._registrations)
+
+    @property
+    def queues(self) -> Sequence[str]:
+        """The queues to consume (``celery worker -Q ...``) for every registered command."""
+        return tuple(dict.fromkeys(r.queue for r in self._registrations.values()))
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        engine = self.database.engine  # first use in a (forked) process opens its own pool
+        if self._sessions is None:
+            self._sessions = sessionmaker(bind=engine, expire_on_commit=False)
+        return self._sessions
+
+    def process(self, command: CommandMessage) -> ReplyMessage:
+        """Handle ``command`` exactly as the worker does, minus Celery: returns the reply to
+        send; raises the transient failure (after rolling back) if there was one."""
+        registration = self._registrations.get(command.command)
+        if registration is None:
+            raise KeyError(f"participant '{self.name}' has no handler for {describe(command)}")
+        return apply_command(self.sessions, self.name, command, registration.handler)
+
+    def send_reply(self, command: CommandMessage, reply: ReplyMessage) -> None:
+        """Publish ``reply`` to the engine. Called after the commit; the seam to override for
+        another transport. Its id is derived from the command, so sending it twice is safe."""
+        self.celery.send_task(
+            REPLY_TASK,
+            kwargs=reply_kwargs(reply),
+            task_id=str(reply.message_id),
+            queue=REPLY_QUEUE,
+        )
+
+    def dead_letter(self, *, task: str, message_id: str | None, body: Any, error: str) -> None:
+        """Keep a message that could not be used, with the reason, in its own transaction."""
+        with self.sessions.begin() as session:
+            session.add(
+                DeadLetter(
+                    participant=self.name,
+                    task=task,
+                    message_id=message_id,
+                    body=json.dumps(body, default=str),
+                    error=error,
+                    received_at=datetime.now(UTC),
+                )
+            )
+
+    def create_tables(self) -> None:
+        """Create the inbox and dead-letter tables (and the URL's schema) if missing. The
+        handlers' business tables are the service's own to create."""
+        with self.database.engine.begin() as connection:
+            if self.database.schema:
+                connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.database.schema}"'))
+            Tables.metadata.create_all(connection)
+
+    def __repr__(self) -> str:
+        return f"Participant({self.name!r}, commands={list(self._registrations)})"

@@ -2,6 +2,10 @@
 
     saga-es db init [--database-url URL]     create the schema once, before any worker starts
     saga-es demo [--sagas N] [--database-url URL]
+    saga-es worker [--database-url URL] [--broker-url URL] [--definitions M:A,...]
+                   [--concurrency N]        feed participants' replies to their sagas
+    saga-es relay [--database-url URL] [--broker-url URL] [--batch-size N] [--poll-interval S]
+                  [--retention 7d] [--on-parked block|skip]   publish the outbox to the broker
 
 Errors from saga-es print as one clear line and exit with status 2; never a traceback.
 """
@@ -23,6 +27,7 @@ from saga_es.engine import SagaEngine
 from saga_es.errors import SagaError
 from saga_es.persistence.settings import DATABASE_URL_ENV, DatabaseSettings
 from saga_es.persistence.store import init_database
+from saga_es.worker import DEFAULT_DEFINITIONS, DEFINITIONS_ENV, EngineWorker, load_definitions
 
 __all__ = ["app", "main"]
 
@@ -85,6 +90,98 @@ def demo(
             task = progress.add_task("sagas", total=sagas)
             report = run_demo(engine, sagas, lambda done: progress.update(task, completed=done))
     _print_report(report)
+
+
+@app.command()
+def worker(
+    database_url: DatabaseUrl = None,
+    broker_url: Annotated[
+        str | None,
+        typer.Option(
+            "--broker-url",
+            help="amqp://... (default: $SAGA_ES_BROKER_URL, else the local RabbitMQ)",
+            show_default=False,
+        ),
+    ] = None,
+    definitions: Annotated[
+        str,
+        typer.Option(
+            envvar=DEFINITIONS_ENV,
+            help="The sagas to serve, as module:attribute, comma-separated.",
+        ),
+    ] = DEFAULT_DEFINITIONS,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(min=1, help="Worker processes (default: one per CPU).", show_default=False),
+    ] = None,
+) -> None:
+    """Run the engine worker: consume saga_es.replies and feed each reply to its saga."""
+    try:
+        loaded = load_definitions(definitions)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--definitions") from exc
+    engine_worker = EngineWorker(loaded, database_url=database_url, broker_url=broker_url)
+    engine_worker.check()
+    engine_worker.run(concurrency=concurrency)
+
+
+@app.command()
+def relay(
+    database_url: DatabaseUrl = None,
+    broker_url: Annotated[
+        str | None,
+        typer.Option(
+            "--broker-url",
+            help="amqp://... or memory:// (default: $SAGA_ES_BROKER_URL, else the local RabbitMQ)",
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=10_000, help="Rows per batch.")] = 500,
+    poll_interval: Annotated[
+        float, typer.Option(min=0.01, help="Seconds between polls when no notification comes.")
+    ] = 1.0,
+    retention: Annotated[
+        str, typer.Option(help="Delete rows published longer ago than this (30m, 12h, 7d; off).")
+    ] = "7d",
+    on_parked: Annotated[
+        str,
+        typer.Option(
+            help="block: a parked row holds back its saga's later commands; skip: they go on."
+        ),
+    ] = "block",
+    max_attempts: Annotated[
+        int, typer.Option(min=1, help="Attempts at a failing row before it is parked.")
+    ] = 5,
+    allowed_queue: Annotated[
+        list[str] | None,
+        typer.Option(help="Allowed destination queue or pattern (repeatable; default: any)."),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG logs every message published.")] = "INFO",
+) -> None:
+    """Publish committed outbox rows to the broker until SIGTERM/SIGINT (then exit 0)."""
+    import logging
+
+    from outbox_relay.runner import parse_retention, run_relay
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if on_parked not in ("block", "skip"):
+        raise typer.BadParameter("must be 'block' or 'skip'", param_hint="--on-parked")
+    try:
+        keep = parse_retention(retention)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--retention") from exc
+    run_relay(
+        database_url,
+        broker_url,
+        batch_size=batch_size,
+        poll_interval=poll_interval,
+        retention=keep,
+        on_parked="skip" if on_parked == "skip" else "block",
+        max_attempts=max_attempts,
+        allowed_queues=allowed_queue or None,
+    )
 
 
 def _print_report(report: DemoReport) -> None:

@@ -6,6 +6,7 @@ Each process writes its output to a log file in the test's tmp_path, shown when 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -78,10 +79,8 @@ class Process:
         if self.popen is None:
             return 0
         code = self.popen.wait(60)
-        try:  # children of a group leader that already exited
+        with contextlib.suppress(ProcessLookupError):  # children of an exited group leader
             os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         return code
 
     def output(self) -> str:

@@ -81,6 +81,9 @@ def postgres_statements(schema: str) -> list[str]:
             UNIQUE (saga_id, saga_version, position))""",
         f"""CREATE INDEX IF NOT EXISTS saga_outbox_unpublished
             ON {s}.saga_outbox (seq) WHERE published_at IS NULL""",
+        # Retention deletes published rows by age.
+        f"""CREATE INDEX IF NOT EXISTS saga_outbox_published
+            ON {s}.saga_outbox (published_at) WHERE published_at IS NOT NULL""",
         f"""CREATE TABLE IF NOT EXISTS {s}.saga_inbox (
             message_id uuid PRIMARY KEY,
             saga_id uuid NOT NULL,
@@ -133,6 +136,8 @@ def sqlite_statements() -> list[str]:
             UNIQUE (saga_id, saga_version, position))""",
         """CREATE INDEX IF NOT EXISTS saga_outbox_unpublished
             ON saga_outbox (seq) WHERE published_at IS NULL""",
+        """CREATE INDEX IF NOT EXISTS saga_outbox_published
+            ON saga_outbox (published_at) WHERE published_at IS NOT NULL""",
         """CREATE TABLE IF NOT EXISTS saga_inbox (
             message_id TEXT PRIMARY KEY,
             saga_id TEXT NOT NULL,

@@ -1,6 +1,6 @@
 """One database URL configures everything.
 
-    postgresql://user[:password]@host[:port]/dbname[?schema=name&pool_size=5]
+    postgresql://user[:password]@host[:port]/dbname[?schema=name&pool_size=5&connect_timeout=30]
     sqlite:///relative/path.db        sqlite:////absolute/path.db
 
 Read from the ``SAGA_ES_DATABASE_URL`` environment variable unless given explicitly; the default
@@ -54,7 +54,8 @@ class DatabaseSettings:
     @classmethod
     def _postgres(cls, url: str, p: SplitResult) -> DatabaseSettings:
         options = {k: v[-1] for k, v in parse_qs(p.query).items()}
-        unknown = set(options) - {"schema", "pool_size", "max_overflow", "lock_timeout"}
+        known = {"schema", "pool_size", "max_overflow", "lock_timeout", "connect_timeout"}
+        unknown = set(options) - known
         if unknown:
             raise ConfigurationError(
                 f"database URL {_redact(url)!r}: unknown option(s) {', '.join(sorted(unknown))}"
@@ -80,6 +81,9 @@ class DatabaseSettings:
             # The library waits forever for the events-table lock by default; a stuck writer
             # should surface as an error (retried by the library) instead.
             "POSTGRES_LOCK_TIMEOUT": options.get("lock_timeout", "10"),
+            # How long a call waits for a connection while the database is unreachable (the
+            # library tries 10 times before giving up with an error).
+            "POSTGRES_CONNECT_TIMEOUT": options.get("connect_timeout", "30"),
             "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": "30",
             "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
             "APPLICATION_RECORDER_TOPIC": get_topic(SagaPostgresRecorder),

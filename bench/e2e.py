@@ -1,0 +1,262 @@
+"""End to end: completed 4-step order sagas per second, against a Celery chain, same run.
+
+Ours: the engine worker (``saga-es worker``), the outbox relay (``saga-es relay``) and the
+example participants (``celery -A examples.order_fulfillment.services worker``) as separate
+processes, RabbitMQ and PostgreSQL. Sagas are started from this process through the engine
+(each start commits the saga's first event and outbox row); a saga is done when its stream
+records SagaCompleted or SagaCompensated.
+
+Baseline: the same four steps as a Celery ``chain`` (each task one INSERT + COMMIT) with a
+``link_error`` compensation, RabbitMQ with confirms, ``--pool=prefork -c 2`` (bench/chain_app.py);
+done when the last task or the compensation has written its row.
+
+Both scenarios: every saga succeeds; every saga fails at step 3 (the shipment) and compensates.
+Each side gets a fresh PostgreSQL schema and a fresh RabbitMQ virtual host, removed afterwards.
+Timing runs from the first submission to the last saga done, after a warm-up batch.
+
+    python bench/e2e.py [--sagas 500] [--database-url ...] [--rabbitmq guest:guest@127.0.0.1:5672]
+
+Ends with one line per scenario, the success path last:
+
+    ratio=<ours/baseline> ours=<sagas/s> baseline=<sagas/s> unit=sagas/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+
+from saga_es.demo.order_saga import Order, OrderLine, order_fulfillment
+from saga_es.engine import SagaEngine
+from saga_es.persistence.settings import DatabaseSettings
+from saga_es.persistence.store import init_database
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DEFAULT_URL = "postgresql://root@127.0.0.1:5432/test"
+DEFAULT_RABBITMQ = "guest:guest@127.0.0.1:5672"
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+
+@contextmanager
+def vhost(rabbitmq: str) -> Iterator[str]:
+    name = f"bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    try:
+        yield f"amqp://{rabbitmq}/{name}"
+    finally:
+        rabbitmqctl("delete_vhost", name)
+
+
+@contextmanager
+def schema(base_url: str) -> Iterator[tuple[str, str]]:
+    name = f"bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    conninfo = DatabaseSettings.from_url(base_url).psycopg_conninfo
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{name}"')
+    try:
+        yield name, f"{base_url}{'&' if '?' in base_url else '?'}schema={name}"
+    finally:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@contextmanager
+def processes(*commands: tuple[list[str], dict[str, str]]) -> Iterator[None]:
+    logs = Path(os.environ.get("TMPDIR", "/tmp"))
+    running = []
+    try:
+        for argv, env in commands:
+            log = (logs / f"bench-e2e-{Path(argv[0]).name}-{len(running)}.log").open("wb")
+            running.append(
+                subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=log)
+            )
+        yield
+    finally:
+        for p in running:
+            p.terminate()
+        for p in running:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def wait_for(count: Callable[[], int], target: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (done := count()) < target:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {done} of {target} done after {timeout:.0f}s")
+        time.sleep(0.02)
+
+
+def order(key: str) -> Order:
+    return Order(
+        order_id=key,
+        customer_id="c-1",
+        lines=[OrderLine(sku="SKU-1", quantity=1)],
+        amount=Decimal("10.00"),
+        currency="EUR",
+    )
+
+
+def ours(base_url: str, rabbitmq: str, sagas: int, fail_at_shipment: bool) -> float:
+    with schema(base_url) as (name, url), vhost(rabbitmq) as broker:
+        init_database(DatabaseSettings.from_url(url))
+        env = {
+            "SAGA_ES_DATABASE_URL": url,
+            "SAGA_ES_BROKER_URL": broker,
+            "SAGA_ES_EXAMPLES_DATABASE_URL": url,
+            "SAGA_ES_EXAMPLES_FAULTS": "shipping.create=fail:no_carrier@*"
+            if fail_at_shipment
+            else "",
+        }
+        subprocess.run(
+            [sys.executable, "-m", "examples.order_fulfillment", "init-db"],
+            env={**os.environ, **env},
+            check=True,
+            capture_output=True,
+            cwd=ROOT,
+        )
+        conninfo = DatabaseSettings.from_url(base_url).psycopg_conninfo
+        ended = (
+            f'SELECT count(*) FROM "{name}".saga_events WHERE topic IN '
+            "('saga_es.events:SagaCompleted', 'saga_es.events:SagaCompensated')"
+        )
+
+        def done() -> int:
+            with psycopg.connect(conninfo) as conn:
+                row = conn.execute(ended).fetchone()
+                return int(row[0]) if row else 0
+
+        services = [
+            ([str(BIN / "saga-es"), "worker", "--concurrency", "1"], env),
+            ([str(BIN / "saga-es"), "relay", "--log-level", "WARNING"], env),
+            (
+                [
+                    str(BIN / "celery"),
+                    "-A",
+                    "examples.order_fulfillment.services",
+                    "worker",
+                    "--pool=prefork",
+                    "-c",
+                    "2",
+                    "-l",
+                    "warning",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                ],
+                env,
+            ),
+        ]
+        with processes(*services), SagaEngine([order_fulfillment], database_url=url) as engine:
+            for i in range(10):  # warm-up: every process connected and serving
+                engine.start(order_fulfillment, order(f"warm-{i}"), business_key=f"warm-{i}")
+            wait_for(done, 10, 120)
+            started = time.perf_counter()
+            for i in range(sagas):
+                engine.start(order_fulfillment, order(f"o-{i}"), business_key=f"o-{i}")
+            wait_for(done, 10 + sagas, 600)
+            return sagas / (time.perf_counter() - started)
+
+
+def chain(base_url: str, rabbitmq: str, sagas: int, fail_at_shipment: bool) -> float:
+    sys.path.insert(0, str(ROOT / "bench"))
+    with schema(base_url) as (name, _), vhost(rabbitmq) as broker:
+        conninfo = DatabaseSettings.from_url(base_url).psycopg_conninfo
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(
+                f'CREATE TABLE "{name}".chain_effects (id bigserial PRIMARY KEY, '
+                "order_id text NOT NULL, step text NOT NULL, compensated boolean DEFAULT false)"
+            )
+        env = {"CHAIN_DATABASE": conninfo, "CHAIN_SCHEMA": name, "CHAIN_BROKER_URL": broker}
+        import chain_app
+
+        client = chain_app.make_app(broker)
+        last = "compensated" if fail_at_shipment else "notify"
+
+        def done() -> int:
+            with psycopg.connect(conninfo) as conn:
+                sql = f'SELECT count(*) FROM "{name}".chain_effects WHERE step = %s'
+                row = conn.execute(sql, (last,)).fetchone()
+                return int(row[0]) if row else 0
+
+        def submit(order_id: str) -> None:
+            steps = client.signature("chain.reserve", args=(order_id,))
+            for task in ("chain.charge", "chain.ship", "chain.notify"):
+                steps = steps | client.signature(task)
+            steps.apply_async(link_error=client.signature("chain.compensate", args=(order_id,)))
+
+        worker = (
+            [
+                str(BIN / "celery"),
+                "-A",
+                "chain_app",
+                "worker",
+                "--pool=prefork",
+                "-c",
+                "2",
+                "-Q",
+                "chain",
+                "-l",
+                "warning",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            {**env, "PYTHONPATH": str(ROOT / "bench")},
+        )
+        prefix = "fail-" if fail_at_shipment else "ok-"
+        try:
+            with processes(worker):
+                for i in range(10):
+                    submit(f"{prefix}warm-{i}")
+                wait_for(done, 10, 120)
+                started = time.perf_counter()
+                for i in range(sagas):
+                    submit(f"{prefix}{i}")
+                wait_for(done, 10 + sagas, 600)
+                return sagas / (time.perf_counter() - started)
+        finally:
+            client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--sagas", type=int, default=500)
+    parser.add_argument("--database-url", default=DEFAULT_URL)
+    parser.add_argument("--rabbitmq", default=DEFAULT_RABBITMQ, help="user:password@host:port")
+    args = parser.parse_args(argv)
+    results = []
+    for label, failing in (("failure at step 3", True), ("success path", False)):
+        theirs = chain(args.database_url, args.rabbitmq, args.sagas, failing)
+        mine = ours(args.database_url, args.rabbitmq, args.sagas, failing)
+        print(
+            f"{label:18}: saga-es {mine:7.1f} sagas/s   Celery chain {theirs:7.1f} sagas/s",
+            flush=True,
+        )
+        results.append((label, mine, theirs))
+    for label, mine, theirs in results:
+        print(f"# {label}")
+        print(f"ratio={mine / theirs:.2f} ours={mine:.1f} baseline={theirs:.1f} unit=sagas/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,6 +5,7 @@ COPY pyproject.toml README.md ./
 COPY saga_es ./saga_es
 COPY outbox_relay ./outbox_relay
 COPY projections ./projections
+COPY examples ./examples
 RUN pip install --no-cache-dir .
 USER nobody
 ENTRYPOINT ["saga-es"]

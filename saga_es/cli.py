@@ -21,9 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from saga_es.demo.order_saga import order_fulfillment
 from saga_es.demo.run import DemoReport, run_demo
-from saga_es.engine import SagaEngine
 from saga_es.errors import SagaError
 from saga_es.persistence.settings import DATABASE_URL_ENV, DatabaseSettings
 from saga_es.persistence.store import init_database
@@ -60,36 +58,47 @@ def demo(
     sagas: Annotated[
         int, typer.Option(min=1, max=10_000, help="How many order sagas to run.")
     ] = 40,
-    database_url: Annotated[
-        str | None, typer.Option("--database-url", help="Default: a fresh ./saga-es-demo.db")
+    postgres: Annotated[
+        str | None,
+        typer.Option("--postgres", help="Run on this PostgreSQL (postgresql://...?schema=...)."),
+    ] = None,
+    broker: Annotated[
+        str | None, typer.Option("--broker", help="Run through this RabbitMQ (amqp://...).")
     ] = None,
 ) -> None:
-    """Run a batch of order sagas on the embedded default and show what happened."""
-    if database_url is None:
-        path = Path("saga-es-demo.db").absolute()
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        database_url = f"sqlite:///{path}"
-    settings = DatabaseSettings.resolve(database_url)
-    init_database(settings)
-    console.print(f"[bold]saga-es demo[/]: {sagas} order sagas on {settings.redacted()}")
+    """Run a batch of order sagas through the relay, Celery and the example participants."""
+    if postgres is None:
+        database_url, shop_url = _fresh_sqlite("saga-es-demo.db"), _fresh_sqlite("saga-es-shop.db")
+    else:
+        database_url = shop_url = postgres
+    broker_url = broker or "memory://"
+    where = DatabaseSettings.resolve(database_url).redacted()
+    console.print(f"[bold]saga-es demo[/]: {sagas} order sagas, stored in {where}")
     console.print(
-        "Participants are simulated in-process: each command goes from the engine's decision "
-        "straight to a stub participant and its reply back through the engine (no broker yet). "
-        "Orders ending in 3 get their card declined, in 7 find no carrier, in 5 hit a "
-        "transient gateway error and are retried.\n"
+        "Each command goes into the outbox with the saga's events, the relay publishes it "
+        f"through Celery ({'in-process broker' if broker is None else broker_url}) to the "
+        "example inventory, payment, shipping and notification participants, and their "
+        "replies come back through Celery to the engine worker. Orders ending in 3 get their "
+        "card declined, in 7 find no carrier, in 5 hit a transient payment error once.\n"
     )
-    with SagaEngine([order_fulfillment], database_url=database_url) as engine:
-        columns = (
-            TextColumn("sagas finished"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
+    columns = (TextColumn("sagas finished"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("sagas", total=sagas)
+        report = run_demo(
+            database_url=database_url,
+            shop_database_url=shop_url,
+            broker_url=broker_url,
+            sagas=sagas,
+            on_progress=lambda done: progress.update(task, completed=done),
         )
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task("sagas", total=sagas)
-            report = run_demo(engine, sagas, lambda done: progress.update(task, completed=done))
     _print_report(report)
+
+
+def _fresh_sqlite(name: str) -> str:
+    path = Path(name).absolute()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return f"sqlite:///{path}"
 
 
 @app.command()
@@ -185,23 +194,22 @@ def relay(
 
 
 def _print_report(report: DemoReport) -> None:
-    summary = Table(title="Outcome", show_header=True)
+    summary = Table(title="Outcome")
     summary.add_column("state")
     summary.add_column("sagas", justify="right")
     for state, count in report.counts.items():
         if count:
             summary.add_row(state, str(count))
     console.print(summary)
+    effects = ", ".join(f"{table} {count}" for table, count in report.effects.items())
     console.print(
-        f"{report.events} events and {report.outbox_rows} outbox rows committed in "
-        f"{report.seconds:.1f}s (each decision: events + outbox row in one transaction)\n"
+        f"{report.events} events and {report.outbox_published} published commands in "
+        f"{report.seconds:.1f}s; effects recorded by the participants: {effects}\n"
     )
     if not report.timeline:
         return
     first = report.timeline[0]
-    timeline = Table(
-        title=f"Timeline of compensated saga {first.business_key} ({report.example_saga})"
-    )
+    timeline = Table(title=f"Timeline of compensated saga {first.business_key}")
     for column in ("v", "after", "event", "details"):
         timeline.add_column(column)
     for event in report.timeline:

@@ -62,9 +62,19 @@ def celery_app(broker_url: str | None = None, *, name: str = "saga_es") -> Celer
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"confirm_publish": True} if url.startswith("amqp") else {},
+        broker_transport_options=_transport_options(url),
     )
     return app
+
+
+def _transport_options(url: str) -> dict[str, Any]:
+    if url.startswith("amqp"):
+        return {"confirm_publish": True}
+    if url.startswith("memory"):
+        # The in-process broker is polled (kombu's default: once a second); polling it is
+        # nearly free, and the embedded demo should not wait a second at every step.
+        return {"polling_interval": 0.01}
+    return {}
 
 
 def command_kwargs(command: CommandMessage) -> dict[str, Any]:

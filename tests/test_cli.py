@@ -20,15 +20,29 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
     )
 
 
-def test_demo_runs_sagas_to_completion_and_compensation(tmp_path: Path) -> None:
+def test_demo_runs_sagas_through_the_relay_and_celery(tmp_path: Path) -> None:
     result = run("demo", "--sagas", "10", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "in-process" in out  # the demo says its replies do not cross a broker yet
+    assert "relay publishes" in out
+    assert "in-process broker" in out
     assert "completed" in out
-    assert "failed" in out
+    assert "failed" in out  # orders 3 and 7 compensate
+    assert "40 published commands" in out  # 8 completed x 4 + order 3 (2) + order 7 (6)
     assert "SagaCompensated" in out  # the timeline of a compensated saga
     assert (tmp_path / "saga-es-demo.db").exists()
+
+
+def test_demo_runs_on_real_postgres_and_rabbitmq(
+    tmp_path: Path, postgres_url: str, broker_url: str
+) -> None:
+    result = run(
+        "demo", "--sagas", "10", "--postgres", postgres_url, "--broker", broker_url, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "40 published commands" in result.stdout
+    assert "SagaCompensated" in result.stdout
+    assert not (tmp_path / "saga-es-demo.db").exists()
 
 
 def test_db_init_creates_the_tables_once_and_again(postgres_server: str) -> None:

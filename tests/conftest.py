@@ -135,3 +135,45 @@ def broker_url() -> Iterator[str]:
         yield f"amqp://{RABBITMQ_HOST}/{vhost}"
     finally:
         _rabbitmqctl("delete_vhost", vhost)
+
+
+# -- the compose topology as local processes --------------------------------------------------
+
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call" and report.failed:
+        item.stash[_FAILED] = True
+    return report
+
+
+@pytest.fixture
+def topology(
+    request: pytest.FixtureRequest, postgres_server: str, broker_url: str, tmp_path: Any
+) -> Iterator[Any]:
+    """docker-compose.yml's services on schemas of this test's own (the engine's and the
+    example services', as in production) and the session's virtual host; not started yet
+    (``topology.up()``). Everything is stopped, the schemas dropped and the queues emptied
+    afterwards; a failing test shows the processes' logs."""
+    from broker import purge
+    from topology import QUEUES, Topology
+
+    sagas_schema, sagas_url = _new_schema_url(postgres_server)
+    shop_schema, shop_url = _new_schema_url(postgres_server)
+    running = Topology(
+        tmp_path, database_url=sagas_url, examples_database_url=shop_url, broker_url=broker_url
+    )
+    try:
+        yield running
+    finally:
+        try:
+            running.down()
+            if request.node.stash.get(_FAILED, False):
+                print(running.logs())
+            purge(broker_url, *QUEUES)
+        finally:
+            for schema in (sagas_schema, shop_schema):
+                drop_schema(postgres_server, schema)

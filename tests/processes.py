@@ -20,16 +20,21 @@ BIN = Path(sys.executable).parent
 
 
 def wait_until(
-    condition: Callable[[], object], *, timeout: float = 60.0, what: str = "condition"
+    condition: Callable[[], object],
+    *,
+    timeout: float = 60.0,
+    what: str = "condition",
+    interval: float = 0.05,
 ) -> None:
-    """Poll ``condition`` until it is true; fail after ``timeout`` seconds saying ``what``."""
+    """Poll ``condition`` every ``interval`` seconds until it is true; fail after ``timeout``
+    seconds saying ``what``."""
     deadline = time.monotonic() + timeout
     while True:
         if condition():
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
 class Process:

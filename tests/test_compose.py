@@ -1,4 +1,7 @@
-"""docker-compose.yml, run without Docker: its saga-es commands as local processes."""
+"""docker-compose.yml, run without Docker: its saga-es commands as local processes.
+
+The sagas that run through the whole topology are in test_e2e.py and test_crash.py; here, how
+tests/topology.py reads the compose file."""
 
 from __future__ import annotations
 
@@ -9,9 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from conftest import _new_schema_url, drop_schema
+from topology import EXAMPLES_DATABASE_URL_ENV, compose_services
 
+from saga_es.messaging import BROKER_URL_ENV
 from saga_es.persistence.settings import DATABASE_URL_ENV, DatabaseSettings
 from saga_es.persistence.store import SagaStore
 
@@ -46,3 +52,32 @@ def test_db_init_service_command_creates_the_schema(postgres_server: str) -> Non
         SagaStore(DatabaseSettings.from_url(url), create_tables=False).close()
     finally:
         drop_schema(postgres_server, schema)
+
+
+def test_the_topology_runs_each_service_as_compose_says_on_the_tests_urls() -> None:
+    urls = {
+        DATABASE_URL_ENV: "postgresql://root@127.0.0.1:5432/test?schema=t_sagas",
+        EXAMPLES_DATABASE_URL_ENV: "postgresql://root@127.0.0.1:5432/test?schema=t_shop",
+        BROKER_URL_ENV: "amqp://guest:guest@127.0.0.1:5672/t_vhost",
+    }
+    specs = compose_services(urls)
+    by_name = {spec.name: spec for spec in specs}
+    services = compose()["services"]
+
+    assert set(by_name) == {n for n, s in services.items() if s.get("image") == "saga-es:latest"}
+    assert [s.name for s in specs if s.init] == ["db-init", "examples-init"]
+    assert all(s.init for s in specs[:2]), "init services run first"
+    assert by_name["db-init"].argv == (SAGA_ES, "db", "init")  # the image's ENTRYPOINT
+    assert by_name["examples-init"].argv == (
+        sys.executable, "-m", "examples.order_fulfillment", "init-db")  # fmt: skip
+    assert by_name["relay"].argv == (SAGA_ES, "relay")
+    assert by_name["relay"].replicas == 2
+    assert by_name["payment"].argv == (
+        str(Path(sys.executable).parent / "celery"), *services["payment"]["command"])  # fmt: skip
+    for spec in specs:
+        assert dict(spec.environment) == urls, spec.name
+
+
+def test_the_topology_refuses_a_compose_url_it_does_not_replace() -> None:
+    with pytest.raises(ValueError, match="rabbitmq"):
+        compose_services({DATABASE_URL_ENV: "x", EXAMPLES_DATABASE_URL_ENV: "y"})

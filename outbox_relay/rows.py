@@ -16,31 +16,13 @@ from pydantic import ValidationError
 
 from outbox_relay.errors import MessageRejectedError
 from saga_es.messages import CommandMessage
+from saga_es.persistence.schema import OUTBOX_COLUMNS
 
 __all__ = ["CLAIM_COLUMNS", "OutboxRow", "ParkedRow", "to_command"]
 
-#: Columns a claim selects, in ``OutboxRow`` field order (``payload`` as text).
-CLAIM_COLUMNS = (
-    "seq",
-    "message_id",
-    "saga_id",
-    "saga_version",
-    "position",
-    "definition",
-    "definition_version",
-    "step",
-    "phase",
-    "attempt",
-    "command",
-    "idempotency_key",
-    "payload",
-    "correlation_id",
-    "causation_id",
-    "queue",
-    "deadline",
-    "created_at",
-    "publish_attempts",
-)
+#: Columns a claim selects, in ``OutboxRow`` field order (``payload`` as text): what a
+#: decision wrote, between the relay's own bookkeeping columns.
+CLAIM_COLUMNS = ("seq", *OUTBOX_COLUMNS, "publish_attempts")
 
 _COMMAND_FIELDS = tuple(
     c for c in CLAIM_COLUMNS if c not in {"seq", "position", "publish_attempts", "payload"}

@@ -23,6 +23,8 @@ lint: $(BIN)/saga-es
 
 bench: $(BIN)/saga-es
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/relay.py
+	$(BIN)/python bench/e2e.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis saga-es-demo.db*

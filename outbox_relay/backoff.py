@@ -8,12 +8,12 @@ quiet (debug) while it keeps failing, and logs one info line when it works again
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from outbox_relay.errors import UnavailableError
+from saga_es.backoff import exponential_delay
 
 __all__ = ["Backoff", "Outage"]
 
@@ -29,9 +29,15 @@ class Backoff:
     failures: int = 0
 
     def next_delay(self) -> float:
-        delay = min(self.cap, self.initial * 2.0 ** min(self.failures, 32))
+        delay = exponential_delay(
+            self.failures,
+            base=self.initial,
+            cap=self.cap,
+            jitter=self.jitter > 0,
+            spread=self.jitter,
+        )
         self.failures += 1
-        return float(delay * (1 - self.jitter * random.random()))
+        return delay
 
     def reset(self) -> None:
         self.failures = 0

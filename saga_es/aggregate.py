@@ -1,13 +1,12 @@
 """The eventsourcing aggregate for one saga: its stream, its version, and its state.
 
 It adds nothing to the state the events describe: ``apply_event`` folds with ``state.evolve``.
-``decide`` builds the events; ``record`` appends them here so that eventsourcing's repository,
-snapshots and optimistic concurrency work as they do for any aggregate.
+``decide`` builds the events and the engine appends them to the event store directly; this
+class is what eventsourcing's repository rebuilds from them (``SagaStore.load``, time travel).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
@@ -31,14 +30,3 @@ class Saga(Aggregate):
 
     def apply_event(self, event: Any) -> None:
         self.state = evolve(self.state, event)
-
-    def record(self, events: Iterable[Any]) -> None:
-        """Append events decided elsewhere, checking each is the next in this stream."""
-        for event in events:
-            event.mutate(self)
-            self.pending_events.append(event)
-
-    @property
-    def saga_state(self) -> SagaState:
-        assert self.state is not None, "a Saga aggregate exists only after SagaStarted"
-        return self.state

@@ -15,12 +15,18 @@ __all__ = ["exponential_delay"]
 
 
 def exponential_delay(
-    retries: int, *, base: float, cap: float, jitter: bool = True, rng: random.Random | None = None
+    retries: int,
+    *,
+    base: float,
+    cap: float,
+    jitter: bool = True,
+    spread: float = 0.5,
+    rng: random.Random | None = None,
 ) -> float:
     """Seconds to wait before retry number ``retries + 1`` (``retries`` made so far).
 
     ``base * 2**retries``, never more than ``cap``; with ``jitter`` a value drawn from
-    [half of that, all of it].
+    [``1 - spread`` of that, all of it].
     """
     if retries < 0:
         raise ValueError(f"retries must not be negative, not {retries}")
@@ -29,5 +35,5 @@ def exponential_delay(
     except OverflowError:  # a message retried without bound reaches powers beyond a float
         delay = cap
     if jitter:
-        delay *= (rng or random).uniform(0.5, 1.0)
+        delay *= (rng or random).uniform(1.0 - spread, 1.0)
     return delay

@@ -174,37 +174,25 @@ class _Plan:
             return
         step = self.definition.step_named(awaiting.step)
         fields = {"step": step.name, "attempt": awaiting.attempt, "command_id": reply.command_id}
-        if awaiting.phase == "action":
-            if reply.ok:
-                self.record(ev.StepSucceeded, result=reply.result, **fields)
+        action = awaiting.phase == "action"
+        if reply.ok:
+            succeeded = ev.StepSucceeded if action else ev.CompensationSucceeded
+            self.record(succeeded, result=reply.result, **fields)
+            if action:
                 self.advance_after(step)
             else:
-                code = reply.error_code or "error"
-                self.record(
-                    ev.StepFailed,
-                    error_code=code,
-                    message=reply.error_message,
-                    retryable=reply.retryable,
-                    **fields,
-                )
-                self.action_failed(
-                    step, awaiting.attempt, code, reply.error_message, reply.retryable
-                )
-        elif reply.ok:
-            self.record(ev.CompensationSucceeded, result=reply.result, **fields)
-            self.compensate_next()
-        else:
-            code = reply.error_code or "error"
-            self.record(
-                ev.CompensationFailed,
-                error_code=code,
-                message=reply.error_message,
-                retryable=reply.retryable,
-                **fields,
-            )
-            self.compensation_failed(
-                step, awaiting.attempt, code, reply.error_message, reply.retryable
-            )
+                self.compensate_next()
+            return
+        code = reply.error_code or "error"
+        self.record(
+            ev.StepFailed if action else ev.CompensationFailed,
+            error_code=code,
+            message=reply.error_message,
+            retryable=reply.retryable,
+            **fields,
+        )
+        failed = self.action_failed if action else self.compensation_failed
+        failed(step, awaiting.attempt, code, reply.error_message, reply.retryable)
 
     def on_timer(self, timer_id: UUID) -> None:
         timer = next_timer(self.state)

@@ -87,6 +87,16 @@ def store(database_url: str) -> Iterator[SagaStore]:
     s.close()
 
 
+def tables(store: SagaStore) -> dict[str, Any]:
+    """Everything a decision may write, for 'nothing changed' comparisons."""
+    return {
+        "events": store.count("events"),
+        "outbox": store.outbox(),
+        "inbox": store.count("saga_inbox"),
+        "timers": store.timers(),
+    }
+
+
 ORDER = {
     "order_id": "o-1",
     "customer_id": "c-1",

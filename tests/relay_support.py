@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,17 +31,6 @@ from saga_es.persistence.writes import sqlite_time
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def wait_until(
-    condition: Callable[[], object], *, timeout: float = 60.0, what: str = "condition"
-) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 # -- rows -------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def _recorder(name: str) -> Any:
             out.write(json.dumps(line) + "\n")
 
     run.__name__ = name.replace(".", "_")
-    return app.task(name=name, bind=True)(run)
+    return app.task(name=name, bind=True, shared=False)(run)
 
 
 tasks = {name: _recorder(name) for name in COMMANDS}

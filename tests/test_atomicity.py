@@ -21,7 +21,7 @@ from uuid import UUID
 
 import psycopg
 import pytest
-from conftest import _new_schema_url, drop_schema, order
+from conftest import _new_schema_url, drop_schema, order, tables
 from eventsourcing.persistence import DataError, IntegrityError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
@@ -146,15 +146,6 @@ class PostgresPythonErrorAfterEvents(SagaPostgresRecorder):
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def tables(store: SagaStore) -> dict[str, Any]:
-    return {
-        "events": store.count("events"),
-        "outbox": store.outbox(),
-        "inbox": store.count("saga_inbox"),
-        "timers": store.timers(),
-    }
 
 
 def engine_with(url: str, recorder: type | None = None, **options: Any) -> SagaEngine:

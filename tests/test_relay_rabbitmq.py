@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from conftest import _rabbitmqctl, order
 from kombu import Connection
+from processes import wait_until
 from relay_support import (
     BIN,
     ROOT,
@@ -29,7 +30,6 @@ from relay_support import (
     outbox,
     row_of,
     unpublished,
-    wait_until,
 )
 
 from outbox_relay import AmqpPublisher, BrokerUnavailableError, Relay, open_source

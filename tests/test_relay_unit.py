@@ -12,7 +12,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from relay_support import command, wait_until
+from processes import wait_until
+from relay_support import command
 
 from outbox_relay import (
     InMemoryOutboxSource,
@@ -389,7 +390,7 @@ def test_memory_transport_runs_the_command_task_in_process(records: Records) -> 
     app = celery_app("memory://", name=f"embedded-{uuid.uuid4().hex[:6]}")
     ran: list[tuple[str, dict[str, Any]]] = []
 
-    @app.task(name="payment.charge", bind=True)  # type: ignore[untyped-decorator]
+    @app.task(name="payment.charge", bind=True, shared=False)  # type: ignore[untyped-decorator]
     def charge(self: Any, command: dict[str, Any]) -> None:
         ran.append((self.request.id, command))
 

@@ -1,6 +1,6 @@
 """End to end: completed 4-step order sagas per second, against a Celery chain, same run.
 
-Ours: the engine worker (``saga-es worker``), the outbox relay (``saga-es relay``) and the
+Ours: the engine worker (``saga-es worker``, recording waiting replies together), the outbox relay (``saga-es relay``) and the
 participants (bench/e2e_participants.py: the SDK around one INSERT per step, like the chain's
 tasks; ``--pool=prefork -c 2``) as separate processes, RabbitMQ and PostgreSQL. Sagas are
 started from this process through the engine (each start commits the saga's first event and
@@ -75,8 +75,30 @@ def schema(base_url: str) -> Iterator[tuple[str, str]]:
             conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its live descendants, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    total, family = 0.0, {pid}
+    for child in sorted(parents):  # descendants: a parent's pid is smaller unless pids wrapped
+        if child in family or parents[child] in family:
+            family.add(child)
+            total += times.get(child, 0.0)
+    return total
+
+
 @contextmanager
-def processes(*commands: tuple[list[str], dict[str, str]]) -> Iterator[None]:
+def processes(*commands: tuple[list[str], dict[str, str]]) -> Iterator[CpuMeter]:
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
     running = []
     try:
@@ -85,7 +107,9 @@ def processes(*commands: tuple[list[str], dict[str, str]]) -> Iterator[None]:
             running.append(
                 subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=log)
             )
-        yield
+        yield CpuMeter(
+            {_label(argv): p.pid for (argv, _), p in zip(commands, running, strict=True)}
+        )
     finally:
         for p in running:
             p.terminate()
@@ -95,6 +119,37 @@ def processes(*commands: tuple[list[str], dict[str, str]]) -> Iterator[None]:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def _label(argv: list[str]) -> str:
+    named = next((a for a in argv if "@" in a), None)
+    return named.split("@")[0] if named else " ".join(Path(a).name for a in argv[:2])
+
+
+class CpuMeter:
+    """CPU seconds each process (this one included) spends between ``start`` and ``stop``:
+    where the time of a saga goes, on a machine where every process shares the same cores."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.before: dict[str, float] = {}
+        self.spent: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        now = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return {**now, "submitter": time.process_time()}
+
+    def start(self) -> None:
+        self.before = self._now()
+
+    def stop(self) -> None:
+        after = self._now()
+        self.spent = {name: after[name] - self.before[name] for name in after}
+
+    def per_saga(self, sagas: int) -> str:
+        parts = [f"{name} {1000 * s / sagas:.1f}" for name, s in self.spent.items()]
+        total = 1000 * sum(self.spent.values()) / sagas
+        return f"CPU ms/saga: {', '.join(parts)}; total {total:.1f}"
 
 
 def wait_for(count: Callable[[], int], target: int, timeout: float) -> None:
@@ -148,21 +203,7 @@ def ours(base_url: str, rabbitmq: str, sagas: int, fail_at_shipment: bool) -> fl
         quiet = ["-l", "warning", "--without-gossip", "--without-mingle", "--without-heartbeat"]
         services = [
             (
-                [
-                    *celery,
-                    "-A",
-                    "saga_es.worker",
-                    "worker",
-                    "-Q",
-                    "saga_es.replies",
-                    "-P",
-                    "threads",
-                    "-c",
-                    "8",
-                    "-n",
-                    "engine@%h",
-                    *quiet,
-                ],
+                [str(BIN / "saga-es"), "worker", "--log-level", "WARNING", "--concurrency", "2"],
                 env,
             ),
             ([str(BIN / "saga-es"), "relay", "--log-level", "WARNING"], env),
@@ -189,16 +230,23 @@ def ours(base_url: str, rabbitmq: str, sagas: int, fail_at_shipment: bool) -> fl
             ),
         ]
         prefix = "fail-" if fail_at_shipment else "ok-"
-        with processes(*services), SagaEngine([order_fulfillment], database_url=url) as engine:
+        with (
+            processes(*services) as cpu,
+            SagaEngine([order_fulfillment], database_url=url) as engine,
+        ):
             for i in range(10):  # warm-up: every process connected and serving
                 key = f"{prefix}warm-{i}"
                 engine.start(order_fulfillment, order(key), business_key=key)
             wait_for(done, 10, 120)
+            cpu.start()
             started = time.perf_counter()
             for i in range(sagas):
                 engine.start(order_fulfillment, order(f"{prefix}{i}"), business_key=f"{prefix}{i}")
             wait_for(done, 10 + sagas, 600)
-            return sagas / (time.perf_counter() - started)
+            rate = sagas / (time.perf_counter() - started)
+            cpu.stop()
+            print(f"  saga-es      {cpu.per_saga(sagas)}", flush=True)
+            return rate
 
 
 def chain(base_url: str, rabbitmq: str, sagas: int, fail_at_shipment: bool) -> float:
@@ -249,15 +297,19 @@ def chain(base_url: str, rabbitmq: str, sagas: int, fail_at_shipment: bool) -> f
         )
         prefix = "fail-" if fail_at_shipment else "ok-"
         try:
-            with processes(worker):
+            with processes(worker) as cpu:
                 for i in range(10):
                     submit(f"{prefix}warm-{i}")
                 wait_for(done, 10, 120)
+                cpu.start()
                 started = time.perf_counter()
                 for i in range(sagas):
                     submit(f"{prefix}{i}")
                 wait_for(done, 10 + sagas, 600)
-                return sagas / (time.perf_counter() - started)
+                rate = sagas / (time.perf_counter() - started)
+                cpu.stop()
+                print(f"  Celery chain {cpu.per_saga(sagas)}", flush=True)
+                return rate
         finally:
             client.close()
 

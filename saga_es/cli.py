@@ -3,7 +3,7 @@
     saga-es db init [--database-url URL]     create the schema once, before any worker starts
     saga-es demo [--sagas N] [--database-url URL]
     saga-es worker [--database-url URL] [--broker-url URL] [--definitions M:A,...]
-                   [--concurrency N]        feed participants' replies to their sagas
+                   [--concurrency N] [--batch-size N]   feed participants' replies to sagas
     saga-es relay [--database-url URL] [--broker-url URL] [--batch-size N] [--poll-interval S]
                   [--retention 7d] [--on-parked block|skip]   publish the outbox to the broker
 
@@ -120,18 +120,31 @@ def worker(
         ),
     ] = DEFAULT_DEFINITIONS,
     concurrency: Annotated[
-        int | None,
-        typer.Option(min=1, help="Worker processes (default: one per CPU).", show_default=False),
-    ] = None,
+        int, typer.Option(min=1, max=64, help="Consumers (threads), each with its own connection.")
+    ] = 1,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=10_000, help="Most replies recorded in one transaction.")
+    ] = 100,
+    log_level: Annotated[str, typer.Option(help="DEBUG/INFO log every reply.")] = "INFO",
 ) -> None:
-    """Run the engine worker: consume saga_es.replies and feed each reply to its saga."""
+    """Run the engine worker: feed replies from saga_es.replies to their sagas, recording
+    the replies that are waiting together, until SIGTERM/SIGINT (then exit 0)."""
+    import logging
+
+    from saga_es.reply_consumer import run_consumers
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         loaded = load_definitions(definitions)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--definitions") from exc
     engine_worker = EngineWorker(loaded, database_url=database_url, broker_url=broker_url)
     engine_worker.check()
-    engine_worker.run(concurrency=concurrency)
+    run_consumers(
+        engine_worker, broker_url=broker_url, batch_size=batch_size, concurrency=concurrency
+    )
 
 
 @app.command()

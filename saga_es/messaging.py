@@ -31,6 +31,7 @@ __all__ = [
     "reply_id_for",
     "reply_kwargs",
     "resolve_broker_url",
+    "transport_options",
 ]
 
 BROKER_URL_ENV = "SAGA_ES_BROKER_URL"
@@ -62,12 +63,13 @@ def celery_app(broker_url: str | None = None, *, name: str = "saga_es") -> Celer
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         broker_connection_retry_on_startup=True,
-        broker_transport_options=_transport_options(url),
+        broker_transport_options=transport_options(url),
     )
     return app
 
 
-def _transport_options(url: str) -> dict[str, Any]:
+def transport_options(url: str) -> dict[str, Any]:
+    """kombu transport options for a broker URL, for Celery apps and plain kombu alike."""
     if url.startswith("amqp"):
         return {"confirm_publish": True}
     if url.startswith("memory"):

@@ -3,6 +3,10 @@
     saga-es worker --database-url postgresql://... --definitions shop.sagas:order
     celery -A saga_es.worker worker -Q saga_es.replies     # configured by environment
 
+``saga-es worker`` drains the queue in batches (``saga_es.reply_consumer``, one transaction
+per batch, through ``EngineWorker.handle_batch``); the Celery task below handles one reply per
+transaction, for deployments that want a plain Celery worker (and for the embedded demo).
+
 Per reply (the task ``saga_es.reply``, kwargs ``{"reply": ReplyMessage JSON}``):
 
 * handled: ``SagaEngine.handle_reply`` commits the saga's events, its outbox rows and the
@@ -27,6 +31,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
@@ -34,14 +39,15 @@ from eventsourcing.persistence import PersistenceError
 
 from saga_es.backoff import exponential_delay
 from saga_es.definition import SagaDefinition
-from saga_es.engine import SagaEngine
+from saga_es.engine import Outcome, SagaEngine
 from saga_es.errors import ConcurrencyError, MalformedReplyError, SagaError, StoreError
 from saga_es.messages import ReplyMessage, parse_reply
-from saga_es.messaging import REPLY_QUEUE, REPLY_TASK, celery_app
+from saga_es.messaging import REPLY_TASK, celery_app
 
 __all__ = [
     "DEFAULT_DEFINITIONS",
     "DEFINITIONS_ENV",
+    "Delivery",
     "EngineWorker",
     "load_definitions",
 ]
@@ -54,6 +60,16 @@ DEAD_LETTER_SOURCE = "engine-worker"
 
 # What "try again later" means: the database or the saga's version race, not the message.
 _TRANSIENT = (StoreError, ConcurrencyError, PersistenceError)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One delivery of the reply task: its task id and call, or what makes it unusable."""
+
+    message_id: str | None
+    args: Sequence[Any]
+    kwargs: Mapping[str, Any]
+    problem: str | None = None
 
 
 def load_definitions(spec: str) -> list[SagaDefinition]:
@@ -131,16 +147,6 @@ class EngineWorker:
         before any worker process starts, with a ``SagaError`` that says what to do."""
         SagaEngine(self.definitions, database_url=self.database_url).close()
 
-    def run(self, *, concurrency: int | None = None, loglevel: str = "INFO") -> None:
-        """Run a Celery worker consuming the reply queue (blocks until it is stopped)."""
-        argv = ["worker", "--queues", REPLY_QUEUE, "--loglevel", loglevel]
-        # Engine workers share nothing with each other: mingle and gossip would only delay
-        # start-up and add broker traffic.
-        argv += ["--without-mingle", "--without-gossip", "--hostname", "saga-es-engine@%h"]
-        if concurrency is not None:
-            argv += ["--concurrency", str(concurrency)]
-        self.celery.worker_main(argv)
-
     def handle(
         self, message_id: str | None, args: Sequence[Any], kwargs: Mapping[str, Any]
     ) -> None:
@@ -162,23 +168,67 @@ class EngineWorker:
             log.exception("saga %s: reply %s raised unexpectedly", reply.saga_id, message_id)
             self._dead_letter(message_id, args, kwargs, exc)
             return
-        if outcome.duplicate or not outcome.events:
-            log.info(
-                "saga %s: reply %s to command %s already handled; nothing changed",
-                reply.saga_id,
-                reply.message_id,
-                reply.command_id,
+        _log_outcome(reply, outcome)
+
+    def handle_batch(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        """Handle several deliveries, deciding the usable ones in one transaction. Returns
+        those to try again later (the database failed, or a saga kept losing races); every
+        other one is handled or dead-lettered here, and may be acknowledged."""
+        retry: list[Delivery] = []
+        readable: list[tuple[Delivery, ReplyMessage]] = []
+        for delivery in deliveries:
+            try:
+                if delivery.problem:
+                    raise MalformedReplyError(problems=[delivery.problem])
+                readable.append((delivery, _read_reply(delivery.args, delivery.kwargs)))
+            except MalformedReplyError as exc:
+                retry += self._dead_letter_or_retry(delivery, exc)
+        if not readable:
+            return retry
+        try:
+            results = self.engine.handle_replies([reply for _, reply in readable])
+        except _TRANSIENT as exc:
+            log.warning(
+                "%d reply message(s) not recorded (%s: %s)",
+                len(readable),
+                type(exc).__name__,
+                exc,
             )
-        else:
-            log.info(
-                "saga %s: reply %s (%s) to command %s handled: %s, %d command(s) to send",
-                reply.saga_id,
-                reply.message_id,
-                reply.outcome,
-                reply.command_id,
-                outcome.state.status,
-                len(outcome.commands),
-            )
+            return retry + [delivery for delivery, _ in readable]
+        except Exception:
+            # A bug somewhere in the batch: find the reply that trips it, one at a time.
+            log.exception("a batch of %d replies raised; handling them singly", len(readable))
+            return retry + self._one_by_one([delivery for delivery, _ in readable])
+        for (delivery, reply), result in zip(readable, results, strict=True):
+            if isinstance(result, _TRANSIENT):
+                log.warning(
+                    "reply message %s not recorded (%s: %s)",
+                    delivery.message_id,
+                    type(result).__name__,
+                    result,
+                )
+                retry.append(delivery)
+            elif isinstance(result, SagaError):
+                retry += self._dead_letter_or_retry(delivery, result)
+            else:
+                _log_outcome(reply, result)
+        return retry
+
+    def _one_by_one(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        retry = []
+        for delivery in deliveries:
+            try:
+                self.handle(delivery.message_id, delivery.args, delivery.kwargs)
+            except _TRANSIENT:
+                retry.append(delivery)
+        return retry
+
+    def _dead_letter_or_retry(self, delivery: Delivery, exc: Exception) -> list[Delivery]:
+        try:
+            self._dead_letter(delivery.message_id, delivery.args, delivery.kwargs, exc)
+        except _TRANSIENT:
+            return [delivery]  # the database is away: keep the message until it is back
+        return []
 
     def _dead_letter(
         self, message_id: str | None, args: Sequence[Any], kwargs: Mapping[str, Any], exc: Exception
@@ -223,6 +273,26 @@ class EngineWorker:
                     delay,
                 )
                 raise task.retry(exc=exc, countdown=delay, max_retries=None) from exc
+
+
+def _log_outcome(reply: ReplyMessage, outcome: Outcome) -> None:
+    if outcome.duplicate or not outcome.events:
+        log.info(
+            "saga %s: reply %s to command %s already handled; nothing changed",
+            reply.saga_id,
+            reply.message_id,
+            reply.command_id,
+        )
+    else:
+        log.info(
+            "saga %s: reply %s (%s) to command %s handled: %s, %d command(s) to send",
+            reply.saga_id,
+            reply.message_id,
+            reply.outcome,
+            reply.command_id,
+            outcome.state.status,
+            len(outcome.commands),
+        )
 
 
 def _read_reply(args: Sequence[Any], kwargs: Mapping[str, Any]) -> ReplyMessage:

@@ -151,8 +151,48 @@ def test_business_error_keeps_only_the_outcome(service: Service, engine: SagaEng
     assert reply.error_message == "SKU-1 is sold out"
     assert (again.error_code, again.error_message) == ("out_of_stock", "SKU-1 is sold out")
     assert service.calls["inventory.reserve"] == 1
-    assert service.effects() == 0  # the handler's write rolled back with its savepoint
+    assert service.effects() == 0  # the handler's write rolled back with the refusal
     assert service.inbox()[command.idempotency_key].outcome == "failure"
+
+
+def test_a_refusal_yields_to_a_delivery_that_claimed_the_key_meanwhile(
+    service: Service, engine: SagaEngine
+) -> None:
+    """A refusal rolls back everything and records itself in a second transaction. Another
+    delivery of the same key (attempt 2) may commit in between: its outcome is the one kept
+    and replied, never both."""
+    command = reserve_command(engine)
+    participant = service.participant
+    real = participant.sessions
+    meanwhile: list[Any] = []
+
+    class Sessions:
+        """Runs attempt 2 to its commit just before the refusal is recorded."""
+
+        def __init__(self) -> None:
+            self.begun = 0
+
+        def begin(self) -> Any:
+            self.begun += 1
+            if self.begun == 2 and not meanwhile:
+                service.fail_with = None
+                participant._sessions = real
+                meanwhile.append(participant.process(attempt(command, 2)))
+            return real.begin()
+
+    service.fail_with = BusinessError("out_of_stock", "SKU-1 is sold out")
+    participant._sessions = Sessions()  # type: ignore[assignment]
+    try:
+        reply = participant.process(command)
+    finally:
+        participant._sessions = real
+
+    [second] = meanwhile
+    assert second.ok
+    assert reply.ok and reply.result == second.result  # the stored outcome, not the refusal
+    assert service.calls["inventory.reserve"] == 2  # refused once, applied once
+    assert service.effects() == 1
+    assert service.inbox()[command.idempotency_key].outcome == "success"
 
 
 def test_transient_error_leaves_no_trace_and_the_retry_applies(

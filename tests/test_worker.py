@@ -1,6 +1,7 @@
-"""The engine worker (``saga-es worker``, a real Celery worker process) on PostgreSQL and
-RabbitMQ: replies advance sagas, redeliveries change nothing, unusable replies are kept aside,
-and a database outage delays a reply without losing it."""
+"""The engine worker (``saga-es worker``, a real process) on PostgreSQL and RabbitMQ: replies
+advance sagas, replies waiting together are recorded together, redeliveries change nothing,
+unusable messages are kept aside, a database outage delays a reply without losing it, and
+SIGTERM stops it cleanly."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from example_services import (
     start_services,
     worker_env,
 )
+from kombu import Connection
 from processes import BIN, Processes, wait_until
 from tcp_proxy import TcpProxy
 from typer.testing import CliRunner
@@ -135,6 +137,66 @@ def test_unusable_replies_are_dead_lettered_and_the_worker_keeps_going(
     )
     assert worker.running()
     assert engine.get_state(reserve.saga_id).results["reserve_inventory"] == {}
+
+
+def test_replies_waiting_together_are_recorded_in_one_batch(
+    engine: SagaEngine, processes: Processes, postgres_url: str, broker_url: str
+) -> None:
+    commands = [
+        engine.start(order_fulfillment, order(n), business_key=f"o-{n}").commands[0]
+        for n in range(30)
+    ]
+    for command in commands:  # queued before any worker runs: they wait side by side
+        publish_reply(broker_url, command.reply_success(reply_id_for(command)))
+
+    worker = start_engine_worker(processes, postgres_url, broker_url, concurrency=1)
+    wait_until(lambda: count_in_log(worker, "1 command(s) to send") == 30, what="30 replies")
+
+    batches = [
+        int(line.split("batch of ")[1].split()[0])
+        for line in worker.output().splitlines()
+        if "batch of " in line
+    ]
+    assert sum(batches) == 30
+    assert max(batches) > 1, batches
+    assert all(engine.get_state(c.saga_id).succeeded == ("reserve_inventory",) for c in commands)
+    assert engine.store.count("saga_inbox") == 30
+
+
+def test_messages_that_are_no_reply_task_are_dead_lettered(
+    engine: SagaEngine, processes: Processes, postgres_url: str, broker_url: str
+) -> None:
+    worker = start_engine_worker(processes, postgres_url, broker_url)
+    reserve = engine.start(order_fulfillment, order(1), business_key="o-1").commands[0]
+    publish_raw(broker_url, "payment.charge", {"command": {}}, REPLY_QUEUE, "stray-task")
+    with Connection(broker_url) as connection:
+        connection.Producer().publish(
+            b"\x80\x04not json",
+            routing_key=REPLY_QUEUE,
+            content_type="application/json",
+            content_encoding="binary",
+            headers={"id": "garbage", "task": REPLY_TASK},
+        )
+    publish_reply(broker_url, reserve.reply_success(reply_id_for(reserve)))
+
+    wait_until(lambda: len(engine.store.dead_letters()) == 2, what="two dead letters")
+    wait_until(lambda: count_in_log(worker, "1 command(s) to send") == 1, what="the good reply")
+    errors = {d["message_id"]: d["error"] for d in engine.store.dead_letters()}
+    assert "task 'payment.charge' is not 'saga_es.reply'" in errors["stray-task"]
+    assert "unreadable message body" in errors["garbage"]
+    assert worker.running()
+
+
+def test_sigterm_stops_the_worker_with_exit_status_0(
+    engine: SagaEngine, processes: Processes, postgres_url: str, broker_url: str
+) -> None:
+    worker = start_engine_worker(processes, postgres_url, broker_url)
+    reserve = engine.start(order_fulfillment, order(1), business_key="o-1").commands[0]
+    publish_reply(broker_url, reserve.reply_success(reply_id_for(reserve)))
+    wait_until(lambda: count_in_log(worker, "1 command(s) to send") == 1, what="the reply")
+
+    assert worker.terminate() == 0
+    assert "SIGTERM: stopping once the batch in hand is recorded" in worker.output()
 
 
 def test_a_reply_waits_out_a_database_outage(

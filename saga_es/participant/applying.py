@@ -4,15 +4,18 @@
         │
         ├─ compensation whose action never applied here ──> tombstone the action's key, succeed
         │
-        └─ run the handler in a savepoint
-             ├─ returns        ──> record success + result
-             ├─ BusinessError  ──> roll back the savepoint, record the failure
+        └─ run the handler
+             ├─ returns        ──> record success + result, commit
+             ├─ BusinessError  ──> roll back everything, then in a new transaction claim the
+             │                     key with the failure (or, if another delivery claimed it
+             │                     meanwhile, replay that outcome)
              └─ anything else  ──> roll back everything (nothing recorded): a transient failure,
                                    raised to the caller, which tries again later
 
-Whichever way it goes, it is one transaction: the handler's writes (if they stay) and the inbox
-row are one fact. The reply is only built here; sending it is the caller's business, after the
-commit.
+Whichever way it goes, the handler's writes (if they stay) and the inbox row are one fact. A
+refusal costs a second transaction instead of a savepoint around every handler: refusals are
+the rare path, and a savepoint is two more round trips on every command. The reply is only
+built here; sending it is the caller's business, after the commit.
 """
 
 from __future__ import annotations
@@ -55,24 +58,41 @@ def apply_command(
     Raises whatever the handler (or the database) raised other than ``BusinessError``, after
     rolling back: the command may be tried again.
     """
-    with sessions.begin() as session:
-        inbox = Inbox(session, participant)
-        if not inbox.claim(command):
-            return _replay(command, inbox.get(command.idempotency_key))
-        if command.phase == "compensation" and not _action_took_effect(inbox, command):
-            log.info("%s: the action never took effect here; nothing to undo", describe(command))
-            return _record(inbox, command, _success(command, NOT_APPLIED))
-        try:
-            with session.begin_nested():
+    try:
+        with sessions.begin() as session:
+            inbox = Inbox(session, participant)
+            if not inbox.claim(command):
+                return _replay(command, inbox.get(command.idempotency_key))
+            if command.phase == "compensation" and not _action_took_effect(inbox, command):
+                log.info(
+                    "%s: the action never took effect here; nothing to undo", describe(command)
+                )
+                return _record(inbox, command, _success(command, NOT_APPLIED))
+            try:
                 result = handler(command, session)
-        except BusinessError as refusal:
-            return _record(inbox, command, _failure(command, refusal.code, refusal.message))
-        if result is not None and not isinstance(result, Mapping):
-            raise TypeError(
-                f"{describe(command)}: the handler returned {type(result).__name__}; "
-                "a handler returns a dict (the step's result) or None"
-            )
-        return _record(inbox, command, _success(command, result or {}))
+            except BusinessError as refusal:
+                raise _RefusedError(refusal) from refusal  # leaving the block rolls it all back
+            if result is not None and not isinstance(result, Mapping):
+                raise TypeError(
+                    f"{describe(command)}: the handler returned {type(result).__name__}; "
+                    "a handler returns a dict (the step's result) or None"
+                )
+            return _record(inbox, command, _success(command, result or {}))
+    except _RefusedError as refused:
+        reply = _failure(command, refused.refusal.code, refused.refusal.message)
+        with sessions.begin() as session:
+            inbox = Inbox(session, participant)
+            if inbox.claim(command, reply):
+                return reply
+            return _replay(command, inbox.get(command.idempotency_key))
+
+
+class _RefusedError(Exception):
+    """Carries a handler's ``BusinessError`` out of its transaction, rolling that back."""
+
+    def __init__(self, refusal: BusinessError) -> None:
+        super().__init__(str(refusal))
+        self.refusal = refusal
 
 
 def _action_took_effect(inbox: Inbox, compensation: CommandMessage) -> bool:
@@ -108,13 +128,7 @@ def _replay(command: CommandMessage, entry: InboxRecord | None) -> ReplyMessage:
 
 
 def _record(inbox: Inbox, command: CommandMessage, reply: ReplyMessage) -> ReplyMessage:
-    inbox.record(
-        command,
-        outcome=reply.outcome,
-        result=reply.result,
-        error_code=reply.error_code,
-        error_message=reply.error_message,
-    )
+    inbox.record(command, reply)
     return reply
 
 

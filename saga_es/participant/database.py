@@ -110,8 +110,9 @@ def _parse(raw: str) -> tuple[URL, str | None, dict[str, Any]]:
         if "lock_timeout" in ours:
             settings.append(f"-c lock_timeout={int(float(ours['lock_timeout']) * 1000)}ms")
         options: dict[str, Any] = {
-            # A pooled connection may have died with a database restart since its last use.
-            "pool_pre_ping": True,
+            # No pre-ping (a round trip per command): a pooled connection that died with a
+            # database restart fails its command as a transient error, SQLAlchemy discards
+            # the pool's connections, and the retry runs on a fresh one.
             "pool_size": int(ours.get("pool_size", 5)),
             "max_overflow": int(ours.get("max_overflow", 10)),
         }

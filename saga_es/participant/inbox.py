@@ -16,11 +16,11 @@ from datetime import UTC, datetime
 from typing import Any, cast
 from uuid import UUID
 
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from saga_es.messages import CommandMessage
+from saga_es.messages import CommandMessage, ReplyMessage
 from saga_es.participant.tables import PENDING, TOMBSTONE, InboxEntry
 
 __all__ = ["Inbox", "InboxRecord"]
@@ -49,9 +49,14 @@ class Inbox:
         self.session = session
         self.participant = participant
 
-    def claim(self, command: CommandMessage) -> bool:
-        """Take the command's idempotency key; False if an earlier delivery took it."""
-        return self._insert(command.idempotency_key, command, phase=command.phase, outcome=PENDING)
+    def claim(self, command: CommandMessage, outcome: ReplyMessage | None = None) -> bool:
+        """Take the command's idempotency key, pending or with its ``outcome`` already known
+        (a refusal); False if an earlier delivery took it."""
+        if outcome is None:
+            return self._insert(command.idempotency_key, command, phase=command.phase)
+        return self._insert(
+            command.idempotency_key, command, phase=command.phase, **_outcome_columns(outcome)
+        )
 
     def tombstone(self, action_key: UUID, compensation: CommandMessage) -> bool:
         """Record that the action behind ``action_key`` must never be applied, because it was
@@ -66,40 +71,19 @@ class Inbox:
         )
 
     def get(self, key: UUID) -> InboxRecord | None:
-        row = (
-            self.session.execute(select(_TABLE).where(_TABLE.c.idempotency_key == key))
-            .mappings()
-            .first()
-        )
+        row = self.session.execute(_SELECT, {"key": key}).mappings().first()
         if row is None:
             return None
         return InboxRecord(**{f: row[f] for f in InboxRecord.__dataclass_fields__})
 
-    def record(
-        self,
-        command: CommandMessage,
-        *,
-        outcome: str,
-        result: Mapping[str, Any],
-        error_code: str | None = None,
-        error_message: str = "",
-    ) -> None:
+    def record(self, command: CommandMessage, outcome: ReplyMessage) -> None:
         """The claimed key's outcome (in the claiming transaction)."""
         self.session.execute(
-            update(_TABLE)
-            .where(_TABLE.c.idempotency_key == command.idempotency_key)
-            .values(
-                outcome=outcome,
-                result=dict(result),
-                error_code=error_code,
-                error_message=error_message,
-                recorded_at=datetime.now(UTC),
-            )
+            _RECORD,
+            {"key": command.idempotency_key, **_outcome_columns(outcome), "recorded_at": _now()},
         )
 
     def _insert(self, key: UUID, command: CommandMessage, **values: Any) -> bool:
-        dialect = self.session.get_bind().dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         row = {
             "idempotency_key": key,
             "participant": self.participant,
@@ -107,15 +91,50 @@ class Inbox:
             "step": command.step,
             "command": command.command,
             "first_message_id": command.message_id,
+            "outcome": PENDING,
             "result": {},
+            "error_code": None,
             "error_message": "",
-            "recorded_at": datetime.now(UTC),
+            "recorded_at": _now(),
+            **values,
         }
-        statement = (
-            insert(_TABLE)
-            .values({**row, **values})
-            .on_conflict_do_nothing(index_elements=[_TABLE.c.idempotency_key])
-            # RETURNING, not rowcount: drivers differ in what rowcount says for this statement.
-            .returning(_TABLE.c.idempotency_key)
-        )
-        return self.session.execute(statement).first() is not None
+        dialect = self.session.get_bind().dialect.name
+        return self.session.execute(_CLAIM[dialect], row).first() is not None
+
+
+def _outcome_columns(reply: ReplyMessage) -> dict[str, Any]:
+    return {
+        "outcome": reply.outcome,
+        "result": dict(reply.result),
+        "error_code": reply.error_code,
+        "error_message": reply.error_message,
+    }
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# Built once: SQLAlchemy then compiles each statement once per connection type instead of
+# building and hashing a new statement object for every command.
+_COLUMNS = {c.name: bindparam(c.name, type_=c.type) for c in _TABLE.columns}
+_CLAIM = {
+    dialect.__name__.rsplit(".", 1)[-1]: dialect.insert(_TABLE)
+    .values(_COLUMNS)
+    .on_conflict_do_nothing(index_elements=[_TABLE.c.idempotency_key])
+    # RETURNING, not rowcount: drivers differ in what rowcount says for this statement.
+    .returning(_TABLE.c.idempotency_key)
+    for dialect in (postgresql, sqlite)
+}
+_SELECT = select(_TABLE).where(_TABLE.c.idempotency_key == bindparam("key"))
+_RECORD = (
+    update(_TABLE)
+    .where(_TABLE.c.idempotency_key == bindparam("key"))
+    .values(
+        outcome=bindparam("outcome"),
+        result=bindparam("result", type_=_TABLE.c.result.type),
+        error_code=bindparam("error_code"),
+        error_message=bindparam("error_message"),
+        recorded_at=bindparam("recorded_at", type_=_TABLE.c.recorded_at.type),
+    )
+)

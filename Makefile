@@ -25,6 +25,7 @@ bench: $(BIN)/saga-es
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/e2e.py
+	$(BIN)/python bench/projections.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis saga-es-demo.db*

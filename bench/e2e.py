@@ -45,6 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DEFAULT_URL = "postgresql://root@127.0.0.1:5432/test"
 DEFAULT_RABBITMQ = "guest:guest@127.0.0.1:5672"
+# The benchmark's worker modules live in bench/, after the project: bench/projections.py must
+# not hide the projections package.
+PYTHONPATH = os.pathsep.join((str(ROOT), str(ROOT / "bench")))
 
 
 def rabbitmqctl(*args: str) -> None:
@@ -177,7 +180,7 @@ def ours(base_url: str, rabbitmq: str, sagas: int, fail_at_shipment: bool) -> fl
             "SAGA_ES_DATABASE_URL": url,
             "SAGA_ES_BROKER_URL": broker,
             "SAGA_ES_EXAMPLES_DATABASE_URL": url,
-            "PYTHONPATH": str(ROOT / "bench"),
+            "PYTHONPATH": PYTHONPATH,
         }
         subprocess.run(
             [sys.executable, "-c", "import e2e_participants; e2e_participants.create_tables()"],
@@ -293,7 +296,7 @@ def chain(base_url: str, rabbitmq: str, sagas: int, fail_at_shipment: bool) -> f
                 "--without-mingle",
                 "--without-heartbeat",
             ],
-            {**env, "PYTHONPATH": str(ROOT / "bench")},
+            {**env, "PYTHONPATH": PYTHONPATH},
         )
         prefix = "fail-" if fail_at_shipment else "ok-"
         try:

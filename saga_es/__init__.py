@@ -16,6 +16,7 @@ from saga_es.definition import (
 )
 from saga_es.engine import Outcome, SagaEngine
 from saga_es.errors import (
+    ActionRefusedError,
     ConcurrencyError,
     ConfigurationError,
     DefinitionError,
@@ -37,6 +38,7 @@ __all__ = [
     "COMPENSATABLE",
     "PIVOT",
     "RETRIABLE",
+    "ActionRefusedError",
     "CommandMessage",
     "ConcurrencyError",
     "ConfigurationError",

@@ -6,6 +6,10 @@
                    [--concurrency N] [--batch-size N]   feed participants' replies to sagas
     saga-es relay [--database-url URL] [--broker-url URL] [--batch-size N] [--poll-interval S]
                   [--retention 7d] [--on-parked block|skip]   publish the outbox to the broker
+    saga-es timers run|list|reschedule|cancel      fire due timers; inspect or change them
+    saga-es retry|resume|abort|mark-compensated ID ... --reason TEXT     operator actions
+    saga-es status|list|history|replay|stats ...   inspect sagas (projections.cli)
+    saga-es projections run|status|rebuild         keep the status, audit and stats views
 
 Errors from saga-es print as one clear line and exit with status 2; never a traceback.
 """
@@ -21,10 +25,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from projections.cli import register as register_inspection_commands
 from saga_es.demo.run import DemoReport, run_demo
 from saga_es.errors import SagaError
+from saga_es.operator_cli import register as register_operator_commands
 from saga_es.persistence.settings import DATABASE_URL_ENV, DatabaseSettings
 from saga_es.persistence.store import init_database
+from saga_es.timer_cli import timers_app
 from saga_es.worker import DEFAULT_DEFINITIONS, DEFINITIONS_ENV, EngineWorker, load_definitions
 
 __all__ = ["app", "main"]
@@ -32,6 +39,9 @@ __all__ = ["app", "main"]
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Event-sourced sagas.")
 db_app = typer.Typer(no_args_is_help=True, help="Database administration.")
 app.add_typer(db_app, name="db")
+app.add_typer(timers_app, name="timers")  # run, list, reschedule, cancel (saga_es.timer_cli)
+register_operator_commands(app)  # retry, resume, abort, mark-compensated (saga_es.operator_cli)
+register_inspection_commands(app)  # status, list, history, replay, stats, projections
 console = Console()
 errors = Console(stderr=True)
 
@@ -125,6 +135,10 @@ def worker(
     batch_size: Annotated[
         int, typer.Option(min=1, max=10_000, help="Most replies recorded in one transaction.")
     ] = 100,
+    linger: Annotated[
+        float,
+        typer.Option(min=0.0, max=0.25, help="Seconds a batch may wait for more replies."),
+    ] = 0.005,
     log_level: Annotated[str, typer.Option(help="DEBUG/INFO log every reply.")] = "INFO",
 ) -> None:
     """Run the engine worker: feed replies from saga_es.replies to their sagas, recording
@@ -143,7 +157,11 @@ def worker(
     engine_worker = EngineWorker(loaded, database_url=database_url, broker_url=broker_url)
     engine_worker.check()
     run_consumers(
-        engine_worker, broker_url=broker_url, batch_size=batch_size, concurrency=concurrency
+        engine_worker,
+        broker_url=broker_url,
+        batch_size=batch_size,
+        linger=linger,
+        concurrency=concurrency,
     )
 
 
@@ -178,6 +196,12 @@ def relay(
         list[str] | None,
         typer.Option(help="Allowed destination queue or pattern (repeatable; default: any)."),
     ] = None,
+    linger: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=0.5, help="Seconds to let rows gather before a claim that would be small."
+        ),
+    ] = 0.005,
     log_level: Annotated[str, typer.Option(help="DEBUG logs every message published.")] = "INFO",
 ) -> None:
     """Publish committed outbox rows to the broker until SIGTERM/SIGINT (then exit 0)."""
@@ -203,6 +227,7 @@ def relay(
         on_parked="skip" if on_parked == "skip" else "block",
         max_attempts=max_attempts,
         allowed_queues=allowed_queue or None,
+        linger=min(linger, poll_interval / 2),
     )
 
 

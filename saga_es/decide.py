@@ -20,6 +20,31 @@ The rules, in the words of the business process:
 * A compensation fails: retry under the compensation policy; when that runs out, stuck.
 * A reply for any command other than the one awaited is recorded as ``ReplyIgnored``.
 * A timer that is not the saga's current timer changes nothing (timers may fire twice).
+* A retry policy with ``alert_after`` records ``RetryAlertRaised`` once that many attempts in a
+  row have failed, and keeps retrying (retriable steps after the pivot retry without bound).
+
+Late replies: why a timed-out step is compensated
+-------------------------------------------------
+A deadline passing proves nothing about the participant: the action may have committed a moment
+later, and its success reply arrive after ``StepTimedOut``. That reply is recorded as
+``ReplyIgnored`` (reason "late") and changes nothing, because the saga has already acted on the
+timeout; and the decision it would have needed ("this effect exists") is taken anyway:
+
+* while retries remain, the next attempt carries the same ``idempotency_key``. A participant that
+  applied the late attempt replies to the retry with that stored outcome instead of applying it
+  again, so the saga learns of the success through the retry;
+* when the step's last attempt timed out and the saga turns back, the step is put in the
+  compensation plan *in doubt*, as if it had succeeded. Its compensation either undoes the late
+  effect, or, if the action never took effect, is a no-op at the participant, which also
+  tombstones the action's key so that an attempt still in flight can never apply it afterwards.
+  Either way nothing is left applied, whichever of the late action and its compensation the
+  participant sees first;
+* an operator who gives up waiting for an attempt (retry now, abort) leaves it in doubt in the
+  same way ("abandoned"): its late reply is ignored, and abort compensates the step.
+
+A pivot has no compensation, so a pivot whose last attempt timed out cannot be put in doubt
+this way: the saga is stuck, and resuming it asks the participant again under the same key,
+which answers with the outcome it stored.
 """
 
 from __future__ import annotations
@@ -38,7 +63,7 @@ from saga_es.ids import command_id, event_id, idempotency_key, retry_timer_id, s
 from saga_es.messages import CommandMessage, ReplyMessage
 from saga_es.state import Phase, SagaState, Timer, evolve, next_timer
 
-__all__ = ["Decision", "TimerFired", "begin", "decide"]
+__all__ = ["Decision", "Plan", "TimerFired", "begin", "decide"]
 
 TIMEOUT = "timeout"
 
@@ -87,7 +112,7 @@ def begin(
         business_key=business_key,
         data=data.model_dump(mode="json"),
     )
-    plan = _Plan(definition, evolve(None, started), now, data)
+    plan = Plan(definition, evolve(None, started), now, data)
     plan.events.append(started)
     plan.issue("action", definition.steps[0], attempt=1)
     return plan.decision()
@@ -96,7 +121,7 @@ def begin(
 def decide(
     definition: SagaDefinition, state: SagaState, input: ReplyMessage | TimerFired, now: datetime
 ) -> Decision:
-    plan = _Plan(definition, state, now)
+    plan = Plan(definition, state, now)
     if isinstance(input, ReplyMessage):
         plan.on_reply(input)
     else:
@@ -108,9 +133,10 @@ def decide(
 _SAGA_TOPIC = "saga_es.aggregate:Saga"
 
 
-class _Plan:
+class Plan:
     """Accumulates one decision: each recorded event is folded into ``state`` at once, so every
-    rule below sees the state as it will be after the events before it."""
+    rule below sees the state as it will be after the events before it. Shared with
+    ``saga_es.operator``, whose actions set the same rules in motion."""
 
     def __init__(
         self,
@@ -156,7 +182,7 @@ class _Plan:
                 "finished"
                 if self.state.is_terminal
                 else "late"
-                if known.outcome == "timed_out"
+                if known.outcome in ("timed_out", "abandoned")
                 else "duplicate"
                 if known.outcome is not None
                 else "stale"
@@ -282,8 +308,9 @@ class _Plan:
         *,
         timed_out: bool = False,
     ) -> None:
-        if step.retry.allows_another(attempt, code, retryable=retryable):
-            self.schedule_retry("action", step, attempt + 1, step.retry.delay_before)
+        spent = self.attempts_counted("action", step, attempt)
+        if step.retry.allows_another(spent, code, retryable=retryable):
+            self.schedule_retry("action", step, attempt, code, message)
             return
         # timed_out: the saga's own deadline passed, so the outcome is in doubt. A reply whose
         # error code happens to be "timeout" is an answer, not a missed deadline.
@@ -306,19 +333,22 @@ class _Plan:
                 message,
             )
         else:
-            plan = [
-                s for s in self.state.succeeded if self.definition.step_named(s).is_compensatable
-            ]
-            if timed_out and step.is_compensatable:
-                plan.append(step.name)  # in doubt: its effect may have committed late
-            self.record(
-                ev.CompensationStarted,
-                failed_step=step.name,
-                error_code=code,
-                message=message,
-                plan=list(reversed(plan)),
-            )
-            self.compensate_next()
+            self.turn_back(step, code, message, in_doubt=timed_out)
+
+    def turn_back(self, step: Step, code: str, message: str, *, in_doubt: bool) -> None:
+        """Compensate the completed compensatable steps, latest first; ``step`` too when its
+        outcome is ``in_doubt`` (see "Late replies" in the module docstring)."""
+        plan = [s for s in self.state.succeeded if self.definition.step_named(s).is_compensatable]
+        if in_doubt and step.is_compensatable:
+            plan.append(step.name)
+        self.record(
+            ev.CompensationStarted,
+            failed_step=step.name,
+            error_code=code,
+            message=message,
+            plan=list(reversed(plan)),
+        )
+        self.compensate_next()
 
     # -- going back ---------------------------------------------------------------------------
 
@@ -340,10 +370,9 @@ class _Plan:
     def compensation_failed(
         self, step: Step, attempt: int, code: str, message: str, retryable: bool
     ) -> None:
-        if step.compensation_retry.allows_another(attempt, code, retryable=retryable):
-            self.schedule_retry(
-                "compensation", step, attempt + 1, step.compensation_retry.delay_before
-            )
+        spent = self.attempts_counted("compensation", step, attempt)
+        if step.compensation_retry.allows_another(spent, code, retryable=retryable):
+            self.schedule_retry("compensation", step, attempt, code, message)
             return
         self.stuck(
             step,
@@ -355,8 +384,23 @@ class _Plan:
 
     # -- shared -------------------------------------------------------------------------------
 
-    def schedule_retry(self, phase: Phase, step: Step, attempt: int, delay_before: Any) -> None:
-        delay = delay_before(attempt, spread(self.state.saga_id, phase, step.name, attempt))
+    def attempts_counted(self, phase: Phase, step: Step, attempt: int) -> int:
+        """Attempts that count against the policy: all, unless an operator resumed the step
+        with a fresh budget (then those after that)."""
+        return attempt - self.state.budget_spent.get((phase, step.name), 0)
+
+    def schedule_retry(
+        self, phase: Phase, step: Step, failed_attempt: int, code: str, message: str
+    ) -> None:
+        """Attempt ``failed_attempt + 1`` after the policy's delay; alert past its threshold."""
+        policy = step.retry if phase == "action" else step.compensation_retry
+        spent = self.attempts_counted(phase, step, failed_attempt)
+        attempt = failed_attempt + 1
+        # The delay follows the budget (a resumed step starts from initial_backoff again); the
+        # jitter follows the attempt, which is unique.
+        delay = policy.delay_before(
+            spent + 1, spread(self.state.saga_id, phase, step.name, attempt)
+        )
         self.record(
             ev.RetryScheduled,
             step=step.name,
@@ -365,6 +409,19 @@ class _Plan:
             due=self.now + delay,
             timer_id=retry_timer_id(self.state.saga_id, phase, step.name, attempt),
         )
+        if (
+            policy.alert_after is not None
+            and spent >= policy.alert_after
+            and self.state.retry_alert is None
+        ):
+            self.record(
+                ev.RetryAlertRaised,
+                step=step.name,
+                phase=phase,
+                attempts=spent,
+                error_code=code,
+                message=message,
+            )
 
     def stuck(self, step: Step, phase: Phase, reason: str, code: str, message: str) -> None:
         self.record(

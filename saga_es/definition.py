@@ -112,7 +112,7 @@ def step(
     kind: ``compensatable`` (default), ``pivot`` or ``retriable``.
     timeout: how long to wait for the action's reply before the attempt counts as failed.
     retry: the action's retry policy (default: 3 attempts; ``RetryPolicy.forever()`` for
-        retriable steps).
+        retriable steps, which raises a retry alert after 10 failures in a row).
     compensation_timeout / compensation_retry: the same for the compensation (defaults: the
         step's timeout; 5 attempts). When compensation retries run out the saga becomes stuck.
     queue / compensation_queue: destination queue; default is the command name's prefix before

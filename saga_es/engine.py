@@ -37,8 +37,19 @@ from saga_es.errors import (
 from saga_es.events import ReplyIgnored
 from saga_es.ids import saga_id_for
 from saga_es.messages import CommandMessage, ReplyMessage, parse_reply
+from saga_es.operator import (
+    Abort,
+    CancelTimer,
+    MarkCompensated,
+    OperatorAction,
+    RescheduleTimer,
+    Resume,
+    RetryNow,
+    act,
+)
 from saga_es.persistence.settings import DatabaseSettings
 from saga_es.persistence.store import SagaStore
+from saga_es.persistence.timer_table import ScheduledTimer, TimerTable
 from saga_es.registry import DefinitionRegistry
 from saga_es.state import SagaState
 
@@ -206,7 +217,82 @@ class SagaEngine:
         """A timer came due. A timer that is no longer the saga's current one changes nothing."""
         return self._decide_with_retries(saga_id, TimerFired(saga_id, timer_id), reply_id=None)
 
+    # -- operator actions (``saga_es.operator`` says when each is allowed) ---------------------
+
+    def retry_now(self, saga_id: UUID, *, actor: str, reason: str) -> Outcome:
+        """Issue the current step's next attempt now, instead of waiting for its reply or its
+        retry."""
+        return self.act(saga_id, RetryNow(actor=actor, reason=reason))
+
+    def resume(self, saga_id: UUID, *, actor: str, reason: str) -> Outcome:
+        """Issue again what a stuck saga got stuck on, with a fresh retry budget."""
+        return self.act(saga_id, Resume(actor=actor, reason=reason))
+
+    def abort(self, saga_id: UUID, *, actor: str, reason: str) -> Outcome:
+        """Stop going forward and compensate; refused once the pivot may have taken effect."""
+        return self.act(saga_id, Abort(actor=actor, reason=reason))
+
+    def mark_compensated(
+        self, saga_id: UUID, step: str, *, actor: str, reason: str, note: str = ""
+    ) -> Outcome:
+        """Record that ``step``'s effect was undone by hand; the saga goes on compensating."""
+        action = MarkCompensated(actor=actor, reason=reason, step=step, note=note)
+        return self.act(saga_id, action)
+
+    def cancel_timer(
+        self, saga_id: UUID, *, actor: str, reason: str, timer_id: UUID | None = None
+    ) -> Outcome:
+        """Cancel the saga's pending timer (a cancelled retry leaves the saga stuck)."""
+        return self.act(saga_id, CancelTimer(actor=actor, reason=reason, timer_id=timer_id))
+
+    def reschedule_timer(
+        self,
+        saga_id: UUID,
+        due: datetime,
+        *,
+        actor: str,
+        reason: str,
+        timer_id: UUID | None = None,
+    ) -> Outcome:
+        """Move the saga's timer (its reply deadline or its retry) to ``due``."""
+        action = RescheduleTimer(actor=actor, reason=reason, due=due, timer_id=timer_id)
+        return self.act(saga_id, action)
+
+    def act(self, saga_id: UUID, action: OperatorAction) -> Outcome:
+        """Record an operator action, or raise ``ActionRefusedError`` recording nothing.
+
+        Decided on the saga's latest state, never a cached one: a refusal must not rest on a
+        stale view. A decision that loses a race is decided again, and may then be refused.
+        """
+        for attempt in range(1, self.max_conflict_retries + 1):
+            state = self._load(saga_id, what="operator action")
+            definition = self.definitions.get(state.definition, state.definition_version)
+            decision = act(definition, state, action, self.clock())
+            try:
+                self._commit(decision)
+            except IntegrityError:
+                time.sleep(random.uniform(0, 0.002 * attempt))
+                continue
+            log.info(
+                "saga %s: %s by %s (%s): now %s",
+                saga_id,
+                action.verb,
+                action.actor,
+                action.reason,
+                decision.state.status.value if decision.state else "?",
+            )
+            return self._outcome(decision)
+        raise ConcurrencyError(saga_id=saga_id, attempts=self.max_conflict_retries)
+
     # -- queries ------------------------------------------------------------------------------
+
+    def timers(self, saga_id: UUID | None = None, *, limit: int = 1000) -> list[ScheduledTimer]:
+        """Pending timers, soonest first (one saga's, or every saga's). A timer being fired
+        shows as due at the end of its claim's lease."""
+        try:
+            return TimerTable(self.store).pending(saga_id, limit=limit)
+        except PersistenceError as exc:
+            raise StoreError(f"could not list timers: {exc}") from exc
 
     def get_state(self, saga_id: UUID, *, version: int | None = None) -> SagaState:
         """The saga's state now, or as it was after event ``version`` (time travel)."""

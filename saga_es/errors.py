@@ -11,7 +11,8 @@ own message from them, so a log line always says which saga and which step went 
     │   ├── MalformedReplyError        a reply message is missing or has a bad field
     │   ├── UnknownSagaError           a reply, timer or query names a saga that does not exist
     │   ├── UnknownCommandError        a reply names a command the saga never issued
-    │   └── StartConflictError         same business key started again with different data
+    │   ├── StartConflictError         same business key started again with different data
+    │   └── ActionRefusedError         an operator action makes no sense in the saga's state
     ├── ConcurrencyError           a decision kept losing optimistic-concurrency races
     └── StoreError                 the database could not be reached or refused a write
         └── ConfigurationError         the database URL or the environment is not usable
@@ -26,6 +27,7 @@ from typing import Any
 from uuid import UUID
 
 __all__ = [
+    "ActionRefusedError",
     "ConcurrencyError",
     "ConfigurationError",
     "DefinitionError",
@@ -118,6 +120,20 @@ class StartConflictError(InvalidInputError):
             definition=definition,
             business_key=business_key,
         )
+
+
+class ActionRefusedError(InvalidInputError):
+    """An operator action (retry, resume, abort, mark-compensated, a timer change) was refused;
+    nothing was recorded. ``why`` says what in the saga's state rules it out."""
+
+    def __init__(self, *, saga_id: UUID, action: str, status: str, why: str) -> None:
+        super().__init__(
+            f"saga {saga_id} ({status}): cannot {action}: {why}",
+            saga_id=saga_id,
+            action=action,
+            status=status,
+        )
+        self.saga_id, self.action, self.status, self.why = saga_id, action, status, why
 
 
 class ConcurrencyError(SagaError):

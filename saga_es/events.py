@@ -21,17 +21,25 @@ __all__ = [
     "CompensationIssued",
     "CompensationStarted",
     "CompensationSucceeded",
+    "OperatorEvent",
     "ReplyIgnored",
+    "RetryAlertRaised",
+    "RetryRequested",
     "RetryScheduled",
+    "SagaAborted",
     "SagaCompensated",
     "SagaCompleted",
     "SagaEvent",
+    "SagaResumed",
     "SagaStarted",
     "SagaStuck",
     "StepCommandIssued",
     "StepFailed",
+    "StepMarkedCompensated",
     "StepSucceeded",
     "StepTimedOut",
+    "TimerCancelled",
+    "TimerRescheduled",
 ]
 
 
@@ -159,8 +167,9 @@ class CompensationFailed(_CommandFailed):
 class ReplyIgnored(SagaEvent):
     """A reply that changed nothing, kept so that nothing arrives unseen.
 
-    reason: "duplicate" (its command was already answered), "late" (its attempt had timed out),
-    "stale" (an earlier attempt, superseded) or "finished" (the saga had already ended).
+    reason: "duplicate" (its command was already answered), "late" (its attempt had timed out,
+    or an operator had given up on it), "stale" (an earlier attempt, superseded) or "finished"
+    (the saga had already ended).
     """
 
     TOPIC = "saga_es.events:ReplyIgnored"
@@ -203,6 +212,98 @@ class SagaStuck(SagaEvent):
     not_compensated: list[str]
 
 
+@dataclass(frozen=True)
+class RetryAlertRaised(SagaEvent):
+    """A step has failed ``attempts`` times in a row (its policy's ``alert_after``) and is still
+    being retried: the saga goes on, but someone should look. Cleared when the step succeeds."""
+
+    TOPIC = "saga_es.events:RetryAlertRaised"
+    step: str
+    phase: str
+    attempts: int
+    error_code: str
+    message: str
+
+
+# -- operator actions: who did it (``actor``) and why (``reason``) are always recorded ---------
+
+
+@dataclass(frozen=True)
+class OperatorEvent(SagaEvent):
+    """An operator acted on the saga (see ``saga_es.operator``). Never stored itself; its own
+    topic keeps it from taking over ``SagaEvent``'s when a topic is looked up."""
+
+    TOPIC = "saga_es.events:OperatorEvent"
+    actor: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RetryRequested(OperatorEvent):
+    """Issue attempt ``attempt`` of the current step's ``phase`` now. An unanswered attempt is
+    given up on: its reply, if it ever comes, is ignored as late."""
+
+    TOPIC = "saga_es.events:RetryRequested"
+    step: str
+    phase: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class SagaResumed(OperatorEvent):
+    """A stuck saga issues attempt ``attempt`` of what it was stuck on, with a fresh retry
+    budget: that attempt counts as the first of the step's policy again."""
+
+    TOPIC = "saga_es.events:SagaResumed"
+    step: str
+    phase: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class SagaAborted(OperatorEvent):
+    """Forward progress stopped at ``step``; a ``CompensationStarted`` follows."""
+
+    TOPIC = "saga_es.events:SagaAborted"
+    step: str
+
+
+@dataclass(frozen=True)
+class StepMarkedCompensated(OperatorEvent):
+    """The step's effect was undone outside the saga (``note`` says how); the saga counts it
+    as compensated and never issues its compensation again."""
+
+    TOPIC = "saga_es.events:StepMarkedCompensated"
+    step: str
+    note: str
+
+
+@dataclass(frozen=True)
+class TimerRescheduled(OperatorEvent):
+    """The saga's timer (a reply deadline or a retry) is now due at ``due``."""
+
+    TOPIC = "saga_es.events:TimerRescheduled"
+    timer_id: UUID
+    kind: str
+    step: str
+    phase: str
+    attempt: int
+    due: datetime
+
+
+@dataclass(frozen=True)
+class TimerCancelled(OperatorEvent):
+    """The saga's timer was cancelled. A reply deadline: the saga waits for the reply without
+    one. A retry: the saga could never move again by itself, so a ``SagaStuck`` follows."""
+
+    TOPIC = "saga_es.events:TimerCancelled"
+    timer_id: UUID
+    kind: str
+    step: str
+    phase: str
+    attempt: int
+
+
 ALL_EVENT_TYPES: tuple[type[Any], ...] = (
     SagaStarted,
     StepCommandIssued,
@@ -218,4 +319,11 @@ ALL_EVENT_TYPES: tuple[type[Any], ...] = (
     SagaCompleted,
     SagaCompensated,
     SagaStuck,
+    RetryAlertRaised,
+    RetryRequested,
+    SagaResumed,
+    SagaAborted,
+    StepMarkedCompensated,
+    TimerRescheduled,
+    TimerCancelled,
 )

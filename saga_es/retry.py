@@ -11,7 +11,10 @@ import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-__all__ = ["RetryPolicy"]
+__all__ = ["DEFAULT_ALERT_AFTER", "RetryPolicy"]
+
+#: ``RetryPolicy.forever()`` raises a retry alert after this many failed attempts in a row.
+DEFAULT_ALERT_AFTER = 10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +29,9 @@ class RetryPolicy:
     jitter: fraction in [0, 1]; the delay is drawn from [base * (1 - jitter), base] so that
         many sagas failing together do not retry together.
     non_retryable: error codes that fail the step at once, whatever attempts are left.
+    alert_after: after this many failed attempts in a row the saga records a
+        ``RetryAlertRaised`` (its state's ``retry_alert``, shown in status) and keeps retrying;
+        ``None`` never alerts. Meant for unbounded policies, where nothing else would tell.
     """
 
     max_attempts: int | None = 3
@@ -34,10 +40,13 @@ class RetryPolicy:
     max_backoff: timedelta = timedelta(minutes=5)
     jitter: float = 0.2
     non_retryable: frozenset[str] = field(default_factory=frozenset)
+    alert_after: int | None = None
 
     @classmethod
     def forever(cls, **options: object) -> RetryPolicy:
-        """Unbounded attempts: for retriable steps after the pivot."""
+        """Unbounded attempts, for retriable steps after the pivot; alerts after
+        ``DEFAULT_ALERT_AFTER`` failed attempts unless ``alert_after`` says otherwise."""
+        options.setdefault("alert_after", DEFAULT_ALERT_AFTER)
         return cls(max_attempts=None, **options)  # type: ignore[arg-type]
 
     @classmethod
@@ -58,6 +67,8 @@ class RetryPolicy:
             found.append("max_backoff must not be shorter than initial_backoff")
         if not 0 <= self.jitter <= 1:
             found.append(f"jitter must be between 0 and 1, not {self.jitter}")
+        if self.alert_after is not None and self.alert_after < 1:
+            found.append(f"alert_after must be at least 1 or None, not {self.alert_after}")
         return found
 
     def allows_another(self, attempts_made: int, error_code: str, *, retryable: bool) -> bool:

@@ -22,6 +22,7 @@ __all__ = [
     "Failure",
     "IssuedCommand",
     "Phase",
+    "RetryAlert",
     "RetryWait",
     "SagaState",
     "SagaStatus",
@@ -49,13 +50,14 @@ TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.FAILED, SagaStatus.STUCK}
 
 @dataclass(frozen=True)
 class Awaiting:
-    """The one command whose reply the saga waits for."""
+    """The one command whose reply the saga waits for. ``deadline`` is None only when an
+    operator cancelled it: the saga then waits for the reply however long it takes."""
 
     phase: Phase
     step: str
     attempt: int
     command_id: UUID
-    deadline: datetime
+    deadline: datetime | None
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,13 @@ class RetryWait:
 
 @dataclass(frozen=True)
 class IssuedCommand:
-    """What the saga knows of a command it issued; ``outcome`` is None while unanswered."""
+    """What the saga knows of a command it issued; ``outcome`` is None while unanswered.
+    "abandoned": an operator stopped waiting for it (its effect is in doubt, as on a timeout)."""
 
     phase: Phase
     step: str
     attempt: int
-    outcome: Literal["succeeded", "failed", "timed_out"] | None = None
+    outcome: Literal["succeeded", "failed", "timed_out", "abandoned"] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,18 @@ class Failure:
     step: str
     error_code: str
     message: str
+
+
+@dataclass(frozen=True)
+class RetryAlert:
+    """A step still retried after ``attempts`` failures in a row; the last one's error."""
+
+    phase: Phase
+    step: str
+    attempts: int
+    error_code: str
+    message: str
+    raised_at: datetime
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,11 @@ class SagaState:
     stuck: Failure | None = None  # where it got stuck, when that differs from ``failure``
     stuck_reason: str | None = None
     ignored_replies: int = 0
+    retry_alert: RetryAlert | None = None  # a step retried past its policy's alert_after
+    # Per (phase, step): attempts that no longer count against the retry policy, because an
+    # operator resumed the step with a fresh budget after them.
+    budget_spent: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    marked_compensated: tuple[str, ...] = ()  # undone by hand, recorded by an operator
 
     @property
     def is_terminal(self) -> bool:
@@ -138,10 +158,17 @@ class SagaState:
     def remaining_compensations(self) -> tuple[str, ...]:
         return tuple(s for s in self.compensation_plan if s not in self.compensated)
 
+    def last_attempt(self, phase: Phase, step: str) -> IssuedCommand | None:
+        """The latest attempt issued of the step's action or compensation."""
+        attempts = [c for c in self.commands.values() if c.phase == phase and c.step == step]
+        return max(attempts, key=lambda c: c.attempt, default=None)
+
 
 def next_timer(state: SagaState) -> Timer | None:
     if state.awaiting:
         a = state.awaiting
+        if a.deadline is None:
+            return None
         return Timer(a.command_id, "deadline", a.phase, a.step, a.attempt, a.deadline)
     if state.retry_wait:
         r = state.retry_wait
@@ -215,6 +242,7 @@ def _step_succeeded(s: SagaState, e: ev.StepSucceeded) -> Changes:
         "succeeded",
         succeeded=(*s.succeeded, e.step),
         results={**s.results, e.step: e.result},
+        retry_alert=None,  # only the awaited step can succeed: the one alerted about, if any
     )
 
 
@@ -236,11 +264,64 @@ def _stuck(s: SagaState, e: ev.SagaStuck) -> Changes:
         "status": SagaStatus.STUCK,
         "awaiting": None,
         "retry_wait": None,
+        "retry_alert": None,  # being stuck says more
         "stuck_reason": e.reason,
         "stuck": Failure(e.step, e.error_code, e.message),
         # A compensation that got stuck keeps the original cause as the saga's failure.
         "failure": s.failure or Failure(e.step, e.error_code, e.message),
     }
+
+
+def _abandon(s: SagaState) -> Changes:
+    """Stop waiting: for the awaited reply (its command is then in doubt) or for a retry."""
+    changes: Changes = {"awaiting": None, "retry_wait": None}
+    if s.awaiting is not None:
+        changes.update(_answered(s, s.awaiting.command_id, "abandoned"))
+    return changes
+
+
+def _alert(s: SagaState, e: ev.RetryAlertRaised) -> Changes:
+    phase: Phase = "compensation" if e.phase == "compensation" else "action"
+    alert = RetryAlert(phase, e.step, e.attempts, e.error_code, e.message, e.timestamp)
+    return {"retry_alert": alert}
+
+
+def _resumed(s: SagaState, e: ev.SagaResumed) -> Changes:
+    changes: Changes = {
+        "stuck": None,
+        "stuck_reason": None,
+        "retry_alert": None,
+        "budget_spent": {**s.budget_spent, (e.phase, e.step): e.attempt - 1},
+    }
+    if e.phase == "action" and not s.compensation_plan:
+        changes["failure"] = None  # going forward again: what stopped it is history now
+    return changes
+
+
+def _marked_compensated(s: SagaState, e: ev.StepMarkedCompensated) -> Changes:
+    changes: Changes = {
+        "compensated": (*s.compensated, e.step),
+        "marked_compensated": (*s.marked_compensated, e.step),
+    }
+    if s.current_step == e.step or (s.stuck is not None and s.stuck.step == e.step):
+        # It was the compensation in hand: stop waiting for it; the saga moves on.
+        changes.update(_abandon(s), status=SagaStatus.COMPENSATING, stuck=None, stuck_reason=None)
+        changes["retry_alert"] = None
+    return changes
+
+
+def _rescheduled(s: SagaState, e: ev.TimerRescheduled) -> Changes:
+    if e.kind == "deadline" and s.awaiting is not None:
+        return {"awaiting": replace(s.awaiting, deadline=e.due)}
+    if e.kind == "retry" and s.retry_wait is not None:
+        return {"retry_wait": replace(s.retry_wait, due=e.due)}
+    return {}
+
+
+def _cancelled(s: SagaState, e: ev.TimerCancelled) -> Changes:
+    if e.kind == "deadline" and s.awaiting is not None:
+        return {"awaiting": replace(s.awaiting, deadline=None)}
+    return {"retry_wait": None}  # a SagaStuck follows in the same decision
 
 
 _CHANGES: dict[type[Any], Callable[[SagaState, Any], Changes]] = {
@@ -250,7 +331,7 @@ _CHANGES: dict[type[Any], Callable[[SagaState, Any], Changes]] = {
     ev.StepFailed: lambda s, e: _answered(s, e.command_id, "failed"),
     ev.StepTimedOut: lambda s, e: _answered(s, e.command_id, "timed_out"),
     ev.CompensationSucceeded: lambda s, e: _answered(
-        s, e.command_id, "succeeded", compensated=(*s.compensated, e.step)
+        s, e.command_id, "succeeded", compensated=(*s.compensated, e.step), retry_alert=None
     ),
     ev.CompensationFailed: lambda s, e: _answered(s, e.command_id, "failed"),
     ev.RetryScheduled: _retry,
@@ -259,4 +340,16 @@ _CHANGES: dict[type[Any], Callable[[SagaState, Any], Changes]] = {
     ev.SagaCompleted: lambda s, e: {"status": SagaStatus.COMPLETED},
     ev.SagaCompensated: lambda s, e: {"status": SagaStatus.FAILED},
     ev.SagaStuck: _stuck,
+    ev.RetryAlertRaised: _alert,
+    ev.RetryRequested: lambda s, e: _abandon(s),
+    ev.SagaResumed: _resumed,
+    ev.SagaAborted: lambda s, e: {
+        **_abandon(s),
+        "retry_alert": None,
+        "stuck": None,
+        "stuck_reason": None,
+    },
+    ev.StepMarkedCompensated: _marked_compensated,
+    ev.TimerRescheduled: _rescheduled,
+    ev.TimerCancelled: _cancelled,
 }

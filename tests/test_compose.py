@@ -72,6 +72,10 @@ def test_the_topology_runs_each_service_as_compose_says_on_the_tests_urls() -> N
         sys.executable, "-m", "examples.order_fulfillment", "init-db")  # fmt: skip
     assert by_name["relay"].argv == (SAGA_ES, "relay")
     assert by_name["relay"].replicas == 2
+    # Several timer processes may run: they claim disjoint timers.
+    assert by_name["timers"].argv == (SAGA_ES, "timers", "run")
+    assert by_name["timers"].replicas == 2
+    assert by_name["timers"].ready_line == "timers started"
     assert by_name["payment"].argv == (
         str(Path(sys.executable).parent / "celery"), *services["payment"]["command"])  # fmt: skip
     for spec in specs:

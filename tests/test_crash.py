@@ -1,6 +1,6 @@
 """Crashes in the production topology (docker-compose.yml as local processes): a relay, a
-participant worker and the engine worker are killed with SIGKILL at their worst moments, and
-the broker is stopped and started, while order sagas run.
+participant worker, the engine worker and a timer process are killed with SIGKILL at their worst
+moments, and the broker is stopped and started, while order sagas run.
 
 Each test ends as a calm run does (``Topology.assert_at_rest``): every saga terminal, each
 participant effect exactly once, no outbox row left unpublished, no saga left hanging.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID
 
@@ -20,6 +21,7 @@ from topology import COMPLETED, HAPPY_EVENTS, ROOT, Topology, kinds, participant
 from examples.order_fulfillment.faults import Switch
 from examples.order_fulfillment.models import Charge
 from saga_es.state import SagaStatus
+from saga_es.testing import VirtualClock
 
 
 def assert_completed_once(topology: Topology, sagas: dict[str, UUID], timeout: float = 90) -> None:
@@ -128,17 +130,17 @@ def test_a_broker_restart_during_a_run_needs_no_manual_action(topology: Topology
     _rabbitmqctl("stop_app")
     try:
         during = topology.start_orders(f"during-{n}" for n in range(10))
+        # Celery workers (the participants) say it their way; the relay and the engine worker
+        # theirs. The timers and projections services use only the database.
+        brokered = {
+            name: "Connection to broker lost" if service.spec.celery else "broker unavailable"
+            for name, service in topology.services.items()
+            if service.spec.celery or name in ("relay", "engine-worker")
+        }
         wait_until(
-            lambda: (
-                "broker unavailable" in topology["relay"].output()
-                and all(
-                    "Connection to broker lost" in service.output()
-                    for name, service in topology.services.items()
-                    if name != "relay"
-                )
-            ),
+            lambda: all(line in topology[name].output() for name, line in brokered.items()),
             timeout=60,
-            what="a relay and every worker to meet the outage",
+            what="the relay, the engine worker and every participant to meet the outage",
         )
     finally:
         _rabbitmqctl("start_app")
@@ -147,3 +149,49 @@ def test_a_broker_restart_during_a_run_needs_no_manual_action(topology: Topology
     stopped = [name for name, service in topology.services.items() if not service.running()]
     assert not stopped, f"{stopped} exited: nothing may need restarting by hand"
     assert all(p.starts == 1 for p in topology.processes.all)
+
+
+def test_the_timer_process_killed_holding_due_timers_fires_each_once_after_restart(
+    topology: Topology, tmp_path: Path
+) -> None:
+    # Relays held back, so that only timers move the sagas until the test lets them go.
+    topology.up(without=["relay", "timers"])
+    an_hour_ago = VirtualClock(datetime.now(UTC) - timedelta(hours=1))
+    sagas = topology.start_orders([f"late-{n}" for n in range(20)], clock=an_hour_ago)
+    # Every first deadline is long due. This process fires two batches of 5, claims a third
+    # and dies by SIGKILL before firing it (tests/timer_crash_process.py).
+    record = tmp_path / "claimed.json"
+    doomed = topology.processes.start(
+        "timers-doomed",
+        [sys.executable, str(ROOT / "tests" / "timer_crash_process.py"),
+         "--database-url", topology.database_url, "--batch-size", "5", "--lease", "3",
+         "--kill-after-claims", "3", "--record", str(record)],
+        **topology["timers"].env,
+    )  # fmt: skip
+    assert doomed.wait() == -9, doomed.output()
+    held = {UUID(s) for s in json.loads(record.read_text())}
+    assert len(held) == 5
+    fired = {s for s in sagas.values() if kinds(topology, s).count("StepTimedOut")}
+    assert len(fired) == 10
+    assert not held & fired
+    pending = {t.saga_id: t.due for t in topology.engine.timers()}
+    assert set(pending) == set(sagas.values())  # fired or not, every saga still has a timer
+    assert all(pending[s] > datetime.now(UTC) - timedelta(seconds=1) for s in held)  # leased
+
+    topology.start("timers")  # compose's two replicas
+    wait_until(
+        lambda: topology.timed_out_and_retried(sagas.values()),
+        timeout=60,
+        what="every deadline, the held ones after their lease, and every retry to fire",
+    )
+    for saga_id in sagas.values():
+        assert kinds(topology, saga_id) == [
+            "SagaStarted", "StepCommandIssued", "StepTimedOut", "RetryScheduled",
+            "StepCommandIssued"]  # fmt: skip
+
+    topology.start("relay")
+    states = topology.settle(sagas.values())
+    assert {s.status for s in states.values()} == {SagaStatus.COMPLETED}
+    topology.assert_at_rest(dict.fromkeys(sagas.values(), COMPLETED))
+    for saga_id in sagas.values():
+        assert kinds(topology, saga_id).count("StepTimedOut") == 1

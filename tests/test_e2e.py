@@ -1,5 +1,6 @@
 """Order sagas through the production topology (docker-compose.yml, run as local processes):
-the engine worker, two relays and the four participant workers, on PostgreSQL and RabbitMQ.
+the engine worker, two relays, two timer processes and the four participant workers, on
+PostgreSQL and RabbitMQ.
 
 Each test ends with every saga terminal, every effect in the services' tables exactly as often
 as the saga's outcome says (once, or never), the whole outbox published and marked, no saga
@@ -10,12 +11,16 @@ left hanging and nothing dead-lettered but what the test sent on purpose
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import pytest
 from broker import publish_raw
 from processes import wait_until
+from quick_order import CHARGE_TIMEOUT, quick_order
+from quick_order import SPEC as QUICK_SPEC
 from sqlalchemy import delete
 from topology import (
     COMPLETED,
@@ -34,10 +39,14 @@ from saga_es import events as ev
 from saga_es.messaging import REPLY_QUEUE, REPLY_TASK
 from saga_es.participant import TRANSIENT_EXHAUSTED
 from saga_es.state import SagaStatus
+from saga_es.testing import VirtualClock
+from saga_es.worker import DEFINITIONS_ENV
 
 # Fewer and shorter participant retries than the services' defaults (5, from 1 s doubling):
 # the same code path, in a fraction of the time.
 FAST_RETRIES = {"SAGA_ES_EXAMPLES_MAX_RETRIES": "2", "SAGA_ES_EXAMPLES_BACKOFF": "0.05"}
+#: How long a hanging payment service sleeps in each charge.
+HANG_SECONDS = 8
 
 
 def inbox_rows(topology: Topology) -> dict[UUID, list[tuple[str, str, str, Any]]]:
@@ -137,7 +146,7 @@ def test_a_failure_at_each_step_compensates_what_was_done_in_reverse(
 def test_transient_failures_are_retried_by_the_participant_then_by_the_saga(
     topology: Topology,
 ) -> None:
-    topology.up(env=FAST_RETRIES)
+    topology.up(env=FAST_RETRIES, without=["timers"])
     # Transient switches count the tries of each command message: 1 is within the
     # participant's 2 retries; 99 outlasts them, so the saga gets a retryable failure.
     topology.shop.set_fault(Switch("payment.charge", "transient", "o-blip-*", times=1))
@@ -148,7 +157,8 @@ def test_transient_failures_are_retried_by_the_participant_then_by_the_saga(
     never = topology.start_orders(["never-1"])["never-1"]
 
     # The charge's participant retries run out; the saga schedules attempt 2. The switch is
-    # cleared before the retry timer is fired (by this test: there is no timer process yet).
+    # cleared before the timer service fires the retry: the timers service is held back until
+    # then, so attempt 2 cannot come before the switch is gone.
     wait_until(
         lambda: topology.engine.get_state(retried).retry_wait is not None,
         timeout=60,
@@ -156,7 +166,8 @@ def test_transient_failures_are_retried_by_the_participant_then_by_the_saga(
     )
     with topology.shop.sessions.begin() as session:
         session.execute(delete(FaultRow).where(FaultRow.order_pattern == "o-retry-*"))
-    states = topology.settle([blip, retried, never], fire_retries=True)
+    topology.start("timers")
+    states = topology.settle([blip, retried, never])
 
     assert states[blip].status == SagaStatus.COMPLETED
     assert kinds(topology, blip) == HAPPY_EVENTS  # the saga never saw the blip
@@ -244,7 +255,10 @@ def test_malformed_messages_are_dead_lettered_and_the_workers_keep_going(
 @pytest.mark.slow  # about 2.5 minutes on 2 cores: the whole topology is CPU-bound there
 @pytest.mark.timeout(600)
 def test_two_relays_carry_2000_sagas_in_order(topology: Topology) -> None:
-    topology.up(env={FAULTS_ENV: "shipping.create=fail:no_carrier@o-big-*7"})
+    # Without the timers service: 2000 sagas started at once queue their first commands for
+    # longer than the steps' deadlines on 2 cores, and this test is about the relays' order,
+    # not about timeouts (those are in the tests below). Every timer stays in its table.
+    topology.up(without=["timers"], env={FAULTS_ENV: "shipping.create=fail:no_carrier@o-big-*7"})
     assert topology["relay"].spec.replicas == 2
     sagas = topology.start_orders(f"big-{n}" for n in range(2000))
 
@@ -305,3 +319,87 @@ def test_two_relays_carry_2000_sagas_in_order(topology: Topology) -> None:
     assert set(commands) == {
         str(m) for (m,) in topology.sql("SELECT message_id FROM {schema}.saga_outbox")
     }
+
+
+# -- time: reply deadlines and retries fired by the timers service --------------------------------
+
+
+def test_a_hanging_participant_times_out_and_the_saga_compensates_by_itself(
+    topology: Topology,
+) -> None:
+    # The charge hangs far longer than the quick saga waits for it (CHARGE_TIMEOUT), on both
+    # attempts. Nobody fires a timer or touches a saga here: the timers service does it all.
+    hang = HANG_SECONDS
+    assert timedelta(seconds=hang) > 4 * CHARGE_TIMEOUT
+    topology.up(
+        env={
+            FAULTS_ENV: f"payment.charge=hang:{hang}@o-hang-*",
+            DEFINITIONS_ENV: QUICK_SPEC,
+            "PYTHONPATH": str(Path(__file__).parent),
+        }
+    )
+    hung = topology.start_orders(["hang-1"], definition=quick_order)["hang-1"]
+    fine = topology.start_orders([f"fine-{n}" for n in range(3)])
+
+    states = topology.settle([hung, *fine.values()], timeout=120)
+
+    assert {states[s].status for s in fine.values()} == {SagaStatus.COMPLETED}
+    state = states[hung]
+    assert state.status == SagaStatus.FAILED
+    assert state.failure is not None
+    assert (state.failure.step, state.failure.error_code) == ("charge_payment", "timeout")
+    # Both charge attempts timed out; the charge was in doubt, so it was refunded too.
+    assert state.compensated == ("charge_payment", "reserve_inventory")
+    events = topology.engine.events(hung)
+    assert [(e.step, e.attempt) for e in events if isinstance(e, ev.StepTimedOut)] == [
+        ("charge_payment", 1),
+        ("charge_payment", 2),
+    ]
+    started = [e for e in events if isinstance(e, ev.CompensationStarted)]
+    assert [e.plan for e in started] == [["charge_payment", "reserve_inventory"]]
+    # The charges did commit, after the deadlines: their replies were late, and ignored.
+    ignored = [
+        (e.step, e.attempt, e.reason, e.outcome) for e in events if isinstance(e, ev.ReplyIgnored)
+    ]
+    assert sorted(ignored) == [
+        ("charge_payment", 1, "late", "success"),
+        ("charge_payment", 2, "late", "success"),
+    ]
+    # ... and the late charge is refunded: nothing is left applied.
+    topology.assert_at_rest({hung: FAILED_AT_SHIPPING, **dict.fromkeys(fine.values(), COMPLETED)})
+    assert topology["timers"].count_in_log("fired: StepTimedOut") >= 2
+
+
+def test_two_timer_services_fire_each_due_timer_once(topology: Topology) -> None:
+    # Relays held back: the sagas' commands stay in the outbox, so nothing but the timers
+    # moves them until every deadline and retry has fired. Small batches: both replicas claim.
+    topology.up(without=["relay"], env={"SAGA_ES_TIMERS_BATCH_SIZE": "2"})
+    assert topology["timers"].spec.replicas == 2
+    an_hour_ago = VirtualClock(datetime.now(UTC) - timedelta(hours=1))
+    sagas = topology.start_orders([f"due-{n}" for n in range(30)], clock=an_hour_ago)
+
+    wait_until(
+        lambda: topology.timed_out_and_retried(sagas.values()),
+        timeout=60,
+        what="every saga's deadline and then its retry to fire",
+    )
+    for saga_id in sagas.values():
+        events = topology.engine.events(saga_id)
+        assert [type(e).__name__ for e in events] == [
+            "SagaStarted",
+            "StepCommandIssued",
+            "StepTimedOut",
+            "RetryScheduled",
+            "StepCommandIssued",
+        ]
+    fired = [replica.output().count(" fired: ") for replica in topology["timers"].replicas]
+    print(f"timers fired per replica: {fired}")
+    assert sum(fired) == 2 * len(sagas)  # no timer fired twice to any effect
+
+    topology.start("relay")
+    states = topology.settle(sagas.values())
+    assert {s.status for s in states.values()} == {SagaStatus.COMPLETED}
+    for saga_id in sagas.values():  # attempt 1 was answered too, after its timeout: ignored
+        ignored = [e for e in topology.engine.events(saga_id) if isinstance(e, ev.ReplyIgnored)]
+        assert [(e.attempt, e.reason) for e in ignored] == [(1, "late")]
+    topology.assert_at_rest(dict.fromkeys(sagas.values(), COMPLETED))

@@ -252,13 +252,24 @@ def test_definitive_pivot_failure_refunds_then_releases(via: str) -> None:
 
 def test_retriable_step_retries_forward_and_never_compensates() -> None:
     s = at_step(NOTIFY)
+    alert_after = order_fulfillment.step_named(NOTIFY).retry.alert_after
+    assert alert_after == 10  # RetryPolicy.forever()'s default
     for attempt in range(1, 31):
         s.expect_command("notification.send", attempt=attempt)
-        s.reply_failure("smtp_down", retryable=True).expect_events("StepFailed", "RetryScheduled")
+        s.reply_failure("smtp_down", retryable=True)
+        if attempt == alert_after:  # once, at the threshold, and the saga keeps retrying
+            s.expect_events("StepFailed", "RetryScheduled", "RetryAlertRaised")
+            alert = only(s.last.events, ev.RetryAlertRaised)
+            assert (alert.step, alert.phase, alert.attempts, alert.error_code) == (
+                NOTIFY, "action", 10, "smtp_down")  # fmt: skip
+        else:
+            s.expect_events("StepFailed", "RetryScheduled")
+        assert (s.state.retry_alert is not None) == (attempt >= alert_after)
         assert s.state.status is SagaStatus.PENDING
         s.retry_now()
     s.expect_command("notification.send", attempt=31).reply_success(RESULTS[NOTIFY])
     s.expect_state("completed")
+    assert s.state.retry_alert is None  # cleared by the success
     assert not any(isinstance(e, ev.CompensationStarted | ev.CompensationIssued) for e in s.events)
     assert all(c.phase == "action" for c in s.commands)
     check_consistent(s)

@@ -13,6 +13,7 @@ from saga_es.aggregate import Saga
 from saga_es.events import ALL_EVENT_TYPES
 
 PUBLIC = {
+    "ActionRefusedError",
     "COMPENSATABLE",
     "PIVOT",
     "RETRIABLE",
@@ -64,6 +65,13 @@ STORED_TOPICS = [
     "saga_es.events:SagaCompleted",
     "saga_es.events:SagaCompensated",
     "saga_es.events:SagaStuck",
+    "saga_es.events:RetryAlertRaised",
+    "saga_es.events:RetryRequested",
+    "saga_es.events:SagaResumed",
+    "saga_es.events:SagaAborted",
+    "saga_es.events:StepMarkedCompensated",
+    "saga_es.events:TimerRescheduled",
+    "saga_es.events:TimerCancelled",
 ]
 
 

@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -43,6 +43,7 @@ from conftest import order
 from example_services import ExampleDatabase
 from processes import BIN, Process, Processes, wait_until
 
+from saga_es.definition import SagaDefinition
 from saga_es.demo.order_saga import order_fulfillment
 from saga_es.engine import SagaEngine
 from saga_es.messaging import BROKER_URL_ENV, REPLY_QUEUE
@@ -107,6 +108,8 @@ class ServiceSpec:
             return " ready."
         if "relay" in self.argv:
             return "relay started"
+        if "timers" in self.argv:
+            return "timers started"
         return None
 
 
@@ -378,12 +381,33 @@ class Topology:
 
     # -- driving sagas ------------------------------------------------------------------------
 
-    def start_orders(self, keys: Iterable[str]) -> dict[str, UUID]:
-        """Start one order saga per key (order id ``o-<key>``); saga ids by key."""
-        return {
-            key: self.engine.start(order_fulfillment, order(key), business_key=f"o-{key}").saga_id
-            for key in keys
-        }
+    def start_orders(
+        self,
+        keys: Iterable[str],
+        *,
+        definition: SagaDefinition = order_fulfillment,
+        clock: Callable[[], datetime] | None = None,
+    ) -> dict[str, UUID]:
+        """Start one order saga per key (order id ``o-<key>``); saga ids by key. ``clock``:
+        start them as if at that time (an hour ago: their first deadline has passed)."""
+        if clock is None:
+            engine = self.engine
+        else:
+            engine = SagaEngine([definition], database_url=self.database_url, clock=clock)
+        try:
+            return {
+                key: engine.start(definition, order(key), business_key=f"o-{key}").saga_id
+                for key in keys
+            }
+        finally:
+            if engine is not self.engine:
+                engine.close()
+
+    def timed_out_and_retried(self, sagas: Iterable[UUID]) -> bool:
+        """Whether every saga in ``sagas`` waits for attempt 2 of a step (its first attempt's
+        deadline fired, then the retry it scheduled)."""
+        waiting = [self.engine.get_state(s).awaiting for s in sagas]
+        return all(a is not None and a.attempt == 2 for a in waiting)
 
     def terminal(self, sagas: Sequence[UUID]) -> int:
         """How many of ``sagas`` have ended (completed, compensated or stuck)."""
@@ -401,35 +425,19 @@ class Topology:
     def replies_handled(self) -> int:
         return self.engine.store.count("saga_inbox")
 
-    def fire_due_retries(self) -> int:
-        """Fire the retry timers whose time has come, as a timer process would; there is none
-        yet (``saga-es timers`` is to come), so tests whose sagas retry a step fire them here.
-        Reply deadlines are never fired: timeouts are not what these tests are about, and a
-        slow machine must not turn a late reply into a timeout."""
-        now = datetime.now(UTC)
-        fired = 0
-        for timer in self.engine.store.timers():
-            if timer["kind"] == "retry" and timer["due_at"] <= now:
-                self.engine.handle_timer(timer["saga_id"], timer["timer_id"])
-                fired += 1
-        return fired
-
     def settle(
         self,
         sagas: Iterable[UUID],
         *,
         timeout: float = 90.0,
-        fire_retries: bool = False,
         also: Callable[[], object] | None = None,
     ) -> dict[UUID, SagaState]:
         """Wait until every saga in ``sagas`` has ended and the outbox is empty (every row
-        published and marked); firing due retry timers meanwhile if asked. Their states."""
+        published and marked). Their states. Timers are the timer service's business."""
         ids = list(sagas)
         deadline = time.monotonic() + timeout
 
         def ended() -> bool:
-            if fire_retries:
-                self.fire_due_retries()
             if also is not None:
                 also()
             return self.terminal(ids) == len(ids)

@@ -142,8 +142,11 @@ def _send(
             "%s: reply not sent (%s: %s); giving up", describe(command), type(exc).__name__, exc
         )
         return
-    outcome = reply.outcome if reply.ok else f"failure {reply.error_code} ({reply.error_message})"
-    log.info("%s: replied %s", describe(command), outcome)
+    if log.isEnabledFor(logging.INFO):  # describe() is not free, and this runs per command
+        outcome = (
+            reply.outcome if reply.ok else f"failure {reply.error_code} ({reply.error_message})"
+        )
+        log.info("%s: replied %s", describe(command), outcome)
 
 
 def _dead_letter(

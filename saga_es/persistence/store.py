@@ -190,6 +190,11 @@ class SagaStore:
 
     # -- plumbing -----------------------------------------------------------------------------
 
+    @property
+    def datastore(self) -> Any:
+        """eventsourcing's datastore: ``transaction(commit=...)`` yields a cursor."""
+        return self.app.recorder.datastore  # type: ignore[attr-defined]
+
     def table(self, name: str) -> str:
         """``name`` qualified with the PostgreSQL schema (SQLite has none)."""
         if self.settings.backend == "postgres":

@@ -12,6 +12,7 @@
 
 Each step runs the real ``begin``/``decide`` and folds the events with the real ``evolve``; the
 scenario only remembers what was decided. Time moves only through ``advance``/``time_out``.
+Operator actions go through the real ``operator.act``: ``.act(Abort(actor=..., reason=...))``.
 A failed expectation raises ``AssertionError`` with the saga's recent history.
 """
 
@@ -27,6 +28,7 @@ from saga_es.decide import Decision, TimerFired, begin, decide
 from saga_es.definition import SagaDefinition
 from saga_es.ids import saga_id_for
 from saga_es.messages import CommandMessage, ReplyMessage
+from saga_es.operator import OperatorAction, act
 from saga_es.state import SagaState, SagaStatus
 
 __all__ = ["Scenario", "scenario"]
@@ -133,6 +135,12 @@ class Scenario:
         self._apply(
             decide(self.definition, self.state, TimerFired(self.state.saga_id, timer_id), self.now)
         )
+        return self
+
+    def act(self, action: OperatorAction) -> Self:
+        """An operator action (``saga_es.operator``); a refusal raises ``ActionRefusedError``
+        and changes nothing."""
+        self._apply(act(self.definition, self.state, action, self.now))
         return self
 
     # -- expectations -------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """End to end: completed 4-step order sagas per second, against a Celery chain, same run.
 
-Ours: the engine worker (``saga-es worker``, recording waiting replies together), the outbox relay (``saga-es relay``) and the
-participants (bench/e2e_participants.py: the SDK around one INSERT per step, like the chain's
-tasks; ``--pool=prefork -c 2``) as separate processes, RabbitMQ and PostgreSQL. Sagas are
+Ours: the engine worker (``saga-es worker``, recording waiting replies together), the outbox
+relay (``saga-es relay``) and the participants (bench/e2e_participants.py: the SDK around one
+INSERT per step, like the chain's tasks) as separate processes, RabbitMQ and PostgreSQL. Sagas are
 started from this process through the engine (each start commits the saga's first event and
 outbox row); a saga is done when its stream records SagaCompleted or SagaCompensated.
 

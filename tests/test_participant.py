@@ -189,7 +189,8 @@ def test_a_refusal_yields_to_a_delivery_that_claimed_the_key_meanwhile(
 
     [second] = meanwhile
     assert second.ok
-    assert reply.ok and reply.result == second.result  # the stored outcome, not the refusal
+    assert reply.ok  # the stored outcome, not the refusal
+    assert reply.result == second.result
     assert service.calls["inventory.reserve"] == 2  # refused once, applied once
     assert service.effects() == 1
     assert service.inbox()[command.idempotency_key].outcome == "success"

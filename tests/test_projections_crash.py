@@ -128,7 +128,24 @@ def test_a_rebuild_while_sagas_run_gives_the_views_incremental_processing_gives(
             try:
                 wait_until(lambda: engine.store.count("events") > 0, what="the writer to start")
                 before = engine.store.count("events")
-                report = rebuild(DatabaseSettings.from_url(database_url), name, batch_size=20)
+                waited: list[bool] = []
+
+                def let_sagas_in(position: int, head: int) -> None:
+                    # Between two batches, until the writer got at least one decision in
+                    # (on SQLite each batch holds the write lock while it runs).
+                    if not waited:
+                        wait_until(
+                            lambda: engine.store.count("events") > before,
+                            what="a saga written during the rebuild",
+                        )
+                        waited.append(True)
+
+                report = rebuild(
+                    DatabaseSettings.from_url(database_url),
+                    name,
+                    batch_size=20,
+                    on_progress=let_sagas_in,
+                )
                 during = engine.store.count("events") - before
             finally:
                 writing.clear()

@@ -137,8 +137,8 @@ def worker(
     ] = 100,
     linger: Annotated[
         float,
-        typer.Option(min=0.0, max=0.25, help="Seconds a batch may wait for more replies."),
-    ] = 0.005,
+        typer.Option(min=0.0, max=0.25, help="Under load, seconds a batch waits for more."),
+    ] = 0.02,
     log_level: Annotated[str, typer.Option(help="DEBUG/INFO log every reply.")] = "INFO",
 ) -> None:
     """Run the engine worker: feed replies from saga_es.replies to their sagas, recording
@@ -199,9 +199,9 @@ def relay(
     linger: Annotated[
         float,
         typer.Option(
-            min=0.0, max=0.5, help="Seconds to let rows gather before a claim that would be small."
+            min=0.0, max=0.5, help="Under load, seconds to let rows gather before a claim."
         ),
-    ] = 0.005,
+    ] = 0.02,
     log_level: Annotated[str, typer.Option(help="DEBUG logs every message published.")] = "INFO",
 ) -> None:
     """Publish committed outbox rows to the broker until SIGTERM/SIGINT (then exit 0)."""

@@ -81,6 +81,10 @@ def test_two_runners_for_the_same_views_take_turns_and_never_double_count(
             )
             first = processes.start("first", _run(database_url, *options))
             second = processes.start("second", _run(database_url, *options))
+            wait_until(  # both following the log (and answering SIGTERM) before more sagas
+                lambda: all("projections started" in p.output() for p in (first, second)),
+                what="both runners to start",
+            )
             drive(engine, clock, "u")  # more sagas while both run
             head = engine.store.count("events")
             wait_until(

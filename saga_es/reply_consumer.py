@@ -30,7 +30,6 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -66,7 +65,6 @@ class ReplyConsumer:
         batch_size: int = 100,
         linger: float = 0.02,
         idle_timeout: float = 0.5,
-        sleep: Callable[[float], bool] | None = None,
     ) -> None:
         if batch_size < 1 or not 0 <= linger < idle_timeout:
             raise ValueError(
@@ -79,8 +77,9 @@ class ReplyConsumer:
         self.batch_size = batch_size
         self.idle_timeout = idle_timeout
         self._stopping = threading.Event()
-        # Waiting out a failure must end early when asked to stop: Event.wait does both.
-        self._sleep = sleep or self._stopping.wait
+        # Waiting out a failure must end early when asked to stop: Event.wait does both, and
+        # says whether it was asked.
+        self._sleep = self._stopping.wait
         self._buffer: list[Any] = []  # kombu Messages (kombu is untyped)
         self._outage = 0  # failed connection attempts since the broker was last reachable
         self._began = -float("inf")  # when the previous batch's first reply arrived

@@ -47,6 +47,10 @@ DEFAULT_URL = "postgresql://root@127.0.0.1:5432/test"
 DEFAULT_RABBITMQ = "guest:guest@127.0.0.1:5672"
 # The benchmark's worker modules live in bench/, after the project: bench/projections.py must
 # not hide the projections package.
+if os.environ.get("POOL") == "solo":
+    POOL, PARTICIPANT_QUEUES = ["-P", "solo"], ("inventory", "payment", "shipping", "notification")
+else:
+    POOL, PARTICIPANT_QUEUES = ["-P", "threads", "-c", "4"], ("inventory,payment", "shipping,notification")
 PYTHONPATH = os.pathsep.join((str(ROOT), str(ROOT / "bench")))
 
 
@@ -229,10 +233,7 @@ def ours(base_url: str, rabbitmq: str, sagas: int, fail_at_shipment: bool) -> fl
                         "-A",
                         "e2e_participants",
                         "worker",
-                        "-P",
-                        "threads",
-                        "-c",
-                        "4",
+                        *POOL,
                         "-Q",
                         queues,
                         "-n",
@@ -241,7 +242,7 @@ def ours(base_url: str, rabbitmq: str, sagas: int, fail_at_shipment: bool) -> fl
                     ],
                     env,
                 )
-                for n, queues in enumerate(("inventory,payment", "shipping,notification"))
+                for n, queues in enumerate(PARTICIPANT_QUEUES)
             ),
         ]
         prefix = "fail-" if fail_at_shipment else "ok-"

@@ -10,12 +10,8 @@ the batch in hand rolls back and is published again by the next relay (at least 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
 from datetime import timedelta
-from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,6 +27,7 @@ from outbox_relay.source import OutboxSource
 from outbox_relay.sqlite_source import SQLiteOutboxSource
 from saga_es.messaging import resolve_broker_url
 from saga_es.persistence.settings import DatabaseSettings
+from saga_es.signals import stop_on_signals
 
 __all__ = ["open_publisher", "open_source", "parse_retention", "run_relay"]
 
@@ -93,34 +90,18 @@ def run_relay(
         **relay_options,
     )
     try:
-        with _stop_on_signals(relay):
+        with stop_on_signals(
+            relay.stop,
+            stopping=lambda: relay.stopping,
+            log=log,
+            graceful="stopping once the batch in hand is published and marked",
+            abrupt="stopping now, the batch in hand rolls back",
+        ):
             relay.run()
     finally:
         publisher.close()
         source.close()
     return relay
-
-
-@contextmanager
-def _stop_on_signals(relay: Relay) -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may install handlers; the caller stops the relay
-        return
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if relay.stopping:
-            log.warning("%s again: stopping now, the batch in hand rolls back", name)
-            raise SystemExit(128 + signum)
-        log.info("%s: stopping once the batch in hand is published and marked", name)
-        relay.stop()
-
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def parse_retention(text: str) -> timedelta | None:

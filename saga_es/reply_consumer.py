@@ -27,10 +27,8 @@ requeues them); the consumer logs one warning per outage and reconnects with bac
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
-from types import FrameType
 from typing import Any
 
 from kombu.connection import Connection
@@ -38,6 +36,7 @@ from kombu.messaging import Consumer
 
 from saga_es.backoff import exponential_delay
 from saga_es.messaging import REPLY_QUEUE, REPLY_TASK, resolve_broker_url, transport_options
+from saga_es.signals import stop_on_signals
 from saga_es.worker import Delivery, EngineWorker
 
 __all__ = ["ReplyConsumer", "run_consumers"]
@@ -87,6 +86,10 @@ class ReplyConsumer:
     def stop(self) -> None:
         """Finish the batch in hand and return from ``run`` (safe from a signal handler)."""
         self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     def run(self) -> None:
         """Consume until ``stop``; reconnects after broker failures."""
@@ -209,19 +212,22 @@ def run_consumers(
         for n, c in enumerate(consumers, 1)
     ]
 
-    def handle(signum: int, frame: FrameType | None) -> None:
-        log.info("%s: stopping once the batch in hand is recorded", signal.Signals(signum).name)
+    def stop_all() -> None:
         for consumer in consumers:
             consumer.stop()
 
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(0.5)  # a bare join() would hold the signal off until it returns
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        worker.engine.close()
+    with stop_on_signals(
+        stop_all,
+        stopping=lambda: consumers[0].stopping,
+        log=log,
+        graceful="stopping once the batch in hand is recorded",
+        abrupt="stopping now; unacknowledged replies go back to the queue",
+    ):
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.5)  # a bare join() would hold the signal off until it returns
+        finally:
+            worker.engine.close()

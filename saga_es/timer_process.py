@@ -27,14 +27,11 @@ lease has passed.
 from __future__ import annotations
 
 import logging
-import signal
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from types import FrameType
 
 import psycopg
 from eventsourcing.persistence import PersistenceError
@@ -44,6 +41,7 @@ from saga_es.definition import SagaDefinition
 from saga_es.engine import SagaEngine
 from saga_es.errors import ConcurrencyError, SagaError, StoreError
 from saga_es.persistence.timer_table import ScheduledTimer, TimerTable
+from saga_es.signals import stop_on_signals
 from saga_es.state import next_timer
 
 __all__ = ["TimerProcess", "TimerStats", "run_timers"]
@@ -210,27 +208,11 @@ def run_timers(
         if once:
             process.run_once()
             return process.stats
-        with _stop_on_signals(process):
+        with stop_on_signals(
+            process.stop,
+            stopping=lambda: process.stopping,
+            log=log,
+            graceful="stopping after the timer in hand",
+            abrupt="stopping now; claimed timers wait for their lease",
+        ):
             return process.run()
-
-
-@contextmanager
-def _stop_on_signals(process: TimerProcess) -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may install handlers; the caller stops the process
-        return
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if process.stopping:
-            log.warning("%s again: stopping now; claimed timers wait for their lease", name)
-            raise SystemExit(128 + signum)
-        log.info("%s: stopping after the timer in hand", name)
-        process.stop()
-
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)

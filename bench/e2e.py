@@ -12,7 +12,9 @@ done when the last task or the compensation has written its row.
 
 Both scenarios: every saga succeeds; every saga fails at step 3 (the shipment) and compensates.
 Each side gets a fresh PostgreSQL schema and a fresh RabbitMQ virtual host, removed afterwards.
-Timing runs from the first submission to the last saga done, after a warm-up batch.
+Timing runs from the first submission to the last saga done, after a warm-up batch; both
+sides are watched alike, by one connection counting finished sagas every 20 ms. The CPU each
+process, PostgreSQL, RabbitMQ and the whole machine spent per saga is printed too.
 
     python bench/e2e.py [--sagas 500] [--database-url ...] [--rabbitmq guest:guest@127.0.0.1:5672]
 
@@ -82,20 +84,27 @@ def schema(base_url: str) -> Iterator[tuple[str, str]]:
             conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of a process and its live descendants, from /proc."""
+def _processes() -> Iterator[tuple[int, str, int, float]]:
+    """(pid, command name, parent pid, CPU seconds) of every live process, from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            name, fields = (entry / "stat").read_text().split(" (", 1)[1].rsplit(")", 1)
+        except (OSError, ValueError):
             continue
-        parents[int(entry.name)] = int(fields[1])
-        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+        numbers = fields.split()
+        yield int(entry.name), name, int(numbers[1]), (int(numbers[11]) + int(numbers[12])) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its live descendants."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for child, _, parent, seconds in _processes():
+        parents[child] = parent
+        times[child] = seconds
     total, family = 0.0, {pid}
     for child in sorted(parents):  # descendants: a parent's pid is smaller unless pids wrapped
         if child in family or parents[child] in family:
@@ -144,7 +153,12 @@ class CpuMeter:
 
     def _now(self) -> dict[str, float]:
         now = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        return {**now, "submitter": time.process_time(), "machine": _machine_busy_seconds()}
+        return {
+            **now,
+            "submitter": time.process_time(),
+            **_servers_seconds(),
+            "machine": _machine_busy_seconds(),
+        }
 
     def start(self) -> None:
         self.before = self._now()
@@ -156,12 +170,28 @@ class CpuMeter:
     def per_saga(self, sagas: int) -> str:
         spent = dict(self.spent)
         machine = 1000 * spent.pop("machine") / sagas
+        servers = {name: 1000 * spent.pop(name) / sagas for name in SERVERS}
         parts = [f"{name} {1000 * s / sagas:.1f}" for name, s in spent.items()]
         total = 1000 * sum(spent.values()) / sagas
         return (
             f"CPU ms/saga: {', '.join(parts)}; total {total:.1f}; "
-            f"whole machine (with PostgreSQL and RabbitMQ) {machine:.1f}"
+            + ", ".join(f"{name} {ms:.1f}" for name, ms in servers.items())
+            + f"; whole machine {machine:.1f}"
         )
+
+
+#: The servers' processes by command name, measured apart from ours. Processes that ended
+#: during the run (a PostgreSQL backend of a closed connection) count in the machine's total.
+SERVERS = {"PostgreSQL": ("postgres",), "RabbitMQ": ("beam.smp", "erl_child_setup", "epmd")}
+
+
+def _servers_seconds() -> dict[str, float]:
+    seconds = dict.fromkeys(SERVERS, 0.0)
+    for _, command, _, cpu in _processes():
+        for server, commands in SERVERS.items():
+            if command in commands:
+                seconds[server] += cpu
+    return seconds
 
 
 def _machine_busy_seconds() -> float:
@@ -212,9 +242,8 @@ def ours(base_url: str, rabbitmq: str, sagas: int, fail_at_shipment: bool) -> fl
         )
 
         def done() -> int:
-            with psycopg.connect(conninfo) as conn:
-                row = conn.execute(ended).fetchone()
-                return int(row[0]) if row else 0
+            row = watcher.execute(ended).fetchone()
+            return int(row[0]) if row else 0
 
         # I/O-bound workers (a database round trip or a broker confirm per step): threads
         # overlap those waits; the engine is thread-safe, the participants' sessions too.
@@ -247,6 +276,7 @@ def ours(base_url: str, rabbitmq: str, sagas: int, fail_at_shipment: bool) -> fl
         ]
         prefix = "fail-" if fail_at_shipment else "ok-"
         with (
+            psycopg.connect(conninfo, autocommit=True) as watcher,
             processes(*services) as cpu,
             SagaEngine([order_fulfillment], database_url=url) as engine,
         ):
@@ -280,11 +310,12 @@ def chain(base_url: str, rabbitmq: str, sagas: int, fail_at_shipment: bool) -> f
         client = chain_app.make_app(broker)
         last = "compensated" if fail_at_shipment else "notify"
 
+        watcher = psycopg.connect(conninfo, autocommit=True)
+
         def done() -> int:
-            with psycopg.connect(conninfo) as conn:
-                sql = f'SELECT count(*) FROM "{name}".chain_effects WHERE step = %s'
-                row = conn.execute(sql, (last,)).fetchone()
-                return int(row[0]) if row else 0
+            sql = f'SELECT count(*) FROM "{name}".chain_effects WHERE step = %s'
+            row = watcher.execute(sql, (last,)).fetchone()
+            return int(row[0]) if row else 0
 
         def submit(order_id: str) -> None:
             steps = client.signature("chain.reserve", args=(order_id,))
@@ -327,6 +358,7 @@ def chain(base_url: str, rabbitmq: str, sagas: int, fail_at_shipment: bool) -> f
                 print(f"  Celery chain {cpu.per_saga(sagas)}", flush=True)
                 return rate
         finally:
+            watcher.close()
             client.close()
 
 

@@ -151,6 +151,12 @@ class ReplyConsumer:
         failures = 0
         while pending:
             retry = {id(d) for d in self.worker.handle_batch([d for d, _ in pending])}
+            if not retry and not failures:
+                # Every message delivered on this channel up to the batch's last one is done
+                # (earlier batches were acknowledged before this one was read): one frame
+                # acknowledges them all, instead of one per message.
+                pending[-1][1].ack(multiple=True)
+                pending = []
             for delivery, message in pending:
                 if id(delivery) not in retry:
                     message.ack()

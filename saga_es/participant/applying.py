@@ -100,9 +100,15 @@ def _action_took_effect(inbox: Inbox, compensation: CommandMessage) -> bool:
     its key is tombstoned in this transaction, so it can never commit later: "compensate an
     in-doubt step" is safe because the no-op and the refusal are decided together."""
     action_key = idempotency_key(compensation.saga_id, "action", compensation.step)
-    if inbox.tombstone(action_key, compensation):
-        return False
+    # Usually the action committed long before: one read settles it. Committed inbox rows
+    # always hold a final outcome (the claim and its outcome commit together).
     action = inbox.get(action_key)
+    if action is None:
+        if inbox.tombstone(action_key, compensation):
+            return False
+        # The action claimed its key after that read: the tombstone waited for its
+        # transaction, which committed. Its outcome is final now.
+        action = inbox.get(action_key)
     return action is not None and action.outcome == SUCCESS
 
 

@@ -28,9 +28,10 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from saga_es.messages import CommandMessage, ReplyMessage
-from saga_es.messaging import REPLY_QUEUE, REPLY_TASK, celery_app, reply_kwargs
+from saga_es.messaging import celery_app
 from saga_es.participant.applying import Handler, apply_command, describe
 from saga_es.participant.database import Database
+from saga_es.participant.reply_publisher import ReplyPublisher
 from saga_es.participant.tables import DeadLetter, Tables
 from saga_es.participant.task import register_task
 
@@ -80,6 +81,7 @@ class Participant:
             # -Q would consume replies there and drop them as tasks it does not know.
             celery.conf.task_default_queue = name
         self.celery = celery
+        self._replies = ReplyPublisher(celery)
         self._registrations: dict[str, Registration] = {}
         self._sessions: sessionmaker[Session] | None = None
 
@@ -159,16 +161,17 @@ class Participant:
     def send_reply(self, command: CommandMessage, reply: ReplyMessage) -> None:
         """Publish ``reply`` to the engine. Called after the commit; the seam to override for
         another transport. Its id is derived from the command, so sending it twice is safe."""
-        self.celery.send_task(
-            REPLY_TASK,
-            kwargs=reply_kwargs(reply),
-            task_id=str(reply.message_id),
-            queue=REPLY_QUEUE,
+        self._replies.send(
+            reply,
             # What worker logs show for the call. Celery's default, a safe repr of the whole
             # reply, costs more CPU than the rest of the send.
-            argsrepr="()",
             kwargsrepr=f"{{'reply': {reply.outcome} to command {reply.command_id}}}",
         )
+
+    def close(self) -> None:
+        """Close the broker connections replies went out on and the database pool."""
+        self._replies.close()
+        self.database.dispose()
 
     def dead_letter(self, *, task: str, message_id: str | None, body: Any, error: str) -> None:
         """Keep a message that could not be used, with the reason, in its own transaction."""

@@ -1,0 +1,140 @@
+"""Replies sent with group confirms on a real RabbitMQ (``participant.reply_publisher``).
+
+What the engine gets must be exactly what Celery's ``send_task`` would have sent (a Celery
+worker may consume the reply queue); concurrent senders share one channel and each returns
+only once its own reply is confirmed; a reply the broker returns, or a broken connection, is an
+error in the sending thread only, and the next send works again.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from amqp.exceptions import NotFound
+from broker import collect_replies, purge
+from kombu import Connection
+
+from saga_es.messages import ReplyMessage
+from saga_es.messaging import REPLY_QUEUE, celery_app
+from saga_es.participant.reply_publisher import ReplyNotConfirmedError, ReplyPublisher
+
+
+def reply(outcome: str = "success") -> ReplyMessage:
+    if outcome == "success":
+        return ReplyMessage(
+            message_id=uuid.uuid4(),
+            saga_id=uuid.uuid4(),
+            command_id=uuid.uuid4(),
+            outcome="success",
+            result={"charge_id": "ch-1"},
+        )
+    return ReplyMessage(
+        message_id=uuid.uuid4(),
+        saga_id=uuid.uuid4(),
+        command_id=uuid.uuid4(),
+        outcome="failure",
+        error_code="card_declined",
+        error_message="issuer said no",
+    )
+
+
+@pytest.fixture
+def publisher(broker_url: str) -> Iterator[ReplyPublisher]:
+    purge(broker_url, REPLY_QUEUE)
+    publisher = ReplyPublisher(celery_app(broker_url))
+    yield publisher
+    publisher.close()
+    purge(broker_url, REPLY_QUEUE)
+
+
+def queued(broker_url: str) -> int:
+    with Connection(broker_url) as conn:
+        _, count, _ = conn.default_channel.queue_declare(REPLY_QUEUE, passive=True)
+        return int(count)
+
+
+def test_a_reply_arrives_as_the_celery_reply_task_and_is_confirmed_on_return(
+    broker_url: str, publisher: ReplyPublisher
+) -> None:
+    sent = [reply(), reply("failure")]
+    for count, r in enumerate(sent, start=1):
+        publisher.send(r, kwargsrepr="{}")
+        assert queued(broker_url) == count  # confirmed on return: on the queue already
+    assert collect_replies(broker_url, 2) == sent
+
+
+def test_concurrent_senders_each_get_their_own_reply_confirmed(
+    broker_url: str, publisher: ReplyPublisher
+) -> None:
+    threads, per_thread = 8, 25
+    sent: list[list[ReplyMessage]] = [[reply() for _ in range(per_thread)] for _ in range(threads)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def send_all(replies: list[ReplyMessage]) -> None:
+        start.wait()
+        try:
+            for r in replies:
+                publisher.send(r, kwargsrepr="{}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=send_all, args=(batch,)) for batch in sent]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert not errors
+    got = collect_replies(broker_url, threads * per_thread)
+    assert sorted(str(r.message_id) for r in got) == sorted(
+        str(r.message_id) for batch in sent for r in batch
+    )
+    for batch in sent:  # one thread's replies stay in its order
+        mine = {r.message_id for r in batch}
+        assert [r for r in got if r.message_id in mine] == batch
+
+
+def test_a_returned_reply_fails_its_send_and_the_next_declares_the_queue_again(
+    broker_url: str, publisher: ReplyPublisher
+) -> None:
+    publisher.send(reply(), kwargsrepr="{}")
+    with Connection(broker_url) as conn:  # someone deletes the queue behind our back
+        conn.default_channel.queue_delete(REPLY_QUEUE)
+    lost = reply()
+    with pytest.raises(ReplyNotConfirmedError, match="unroutable"):
+        publisher.send(lost, kwargsrepr="{}")
+    again = reply()
+    publisher.send(again, kwargsrepr="{}")
+    assert collect_replies(broker_url, 1) == [again]
+
+
+def test_a_broken_connection_fails_the_send_and_the_next_one_reconnects(
+    broker_url: str, publisher: ReplyPublisher
+) -> None:
+    publisher.send(reply(), kwargsrepr="{}")
+    conn = publisher._conn  # the broker drops it (as in an outage)
+    assert conn is not None
+    conn.connection.sock.close()
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        publisher.send(reply(), kwargsrepr="{}")
+    again = reply()
+    publisher.send(again, kwargsrepr="{}")
+    replies = collect_replies(broker_url, 2)
+    assert replies[-1] == again
+
+
+def test_the_reply_queue_is_declared_by_the_first_send(broker_url: str) -> None:
+    with Connection(broker_url) as conn:
+        conn.default_channel.queue_delete(REPLY_QUEUE)
+        with pytest.raises(NotFound):
+            conn.channel().queue_declare(REPLY_QUEUE, passive=True)
+    publisher = ReplyPublisher(celery_app(broker_url))
+    try:
+        publisher.send(reply(), kwargsrepr="{}")
+    finally:
+        publisher.close()
+    assert queued(broker_url) == 1
+    purge(broker_url, REPLY_QUEUE)

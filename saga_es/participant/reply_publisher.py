@@ -107,20 +107,36 @@ class ReplyPublisher:
 
     def _publish(self, group: list[_Outgoing]) -> None:
         try:
-            refusals = self._ready_channel().publish(
-                [o.message for o in group], self._confirm_timeout
-            )
-        except BaseException as exc:
-            self._disconnect()
+            refusals = self._publish_with_one_reconnect([o.message for o in group])
+        except Exception as exc:
             refusals = {}
             for outgoing in group:
                 outgoing.error = exc
+        except BaseException:  # the publishing thread itself is stopping: fail the others
+            self._disconnect()
+            for outgoing in group:
+                outgoing.error = ReplyNotConfirmedError("the publishing thread was interrupted")
+                outgoing.settled = True
+            raise
         for index, why in refusals.items():
             group[index].error = ReplyNotConfirmedError(why)
         if refusals:
             self._disconnect()  # declare the queue again on a new channel
         for outgoing in group:
             outgoing.settled = True
+
+    def _publish_with_one_reconnect(self, messages: list[WireMessage]) -> dict[int, str]:
+        # A connection idle since the broker restarted fails on first use: one fresh
+        # connection is tried at once (as kombu's publish retry would) before the error goes
+        # to the task's retry with backoff. Sending a reply twice is harmless (its id is fixed).
+        for attempt in (1, 2):
+            try:
+                return self._ready_channel().publish(messages, self._confirm_timeout)
+            except Exception:
+                self._disconnect()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _ready_channel(self) -> ConfirmingChannel:
         if self._pid != os.getpid():  # forked: the parent's connection is not ours to use

@@ -2,8 +2,8 @@
 
 What the engine gets must be exactly what Celery's ``send_task`` would have sent (a Celery
 worker may consume the reply queue); concurrent senders share one channel and each returns
-only once its own reply is confirmed; a reply the broker returns, or a broken connection, is an
-error in the sending threads only, and the next send works again.
+only once its own reply is confirmed; a reply the broker returns is an error for its sender
+only, and the next send works again; a connection broken while idle is replaced at once.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
 
 One module per concept: ``schema`` (versioned tables), ``status``/``audit``/``stats`` (pure
 projectors), ``writers`` and ``bulk`` (a batch into the tables), ``runner`` (exactly-once
-batches), ``rebuild``, ``monitor`` (positions and lag), ``queries``, ``replay``, ``cli``.
+batches; ``collector`` keeps Python's garbage collector out of their way), ``rebuild``,
+``monitor`` (positions and lag), ``queries``, ``replay``, ``cli``.
 """
 
 from projections.errors import ProjectionError

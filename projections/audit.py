@@ -17,7 +17,7 @@ import json
 from typing import Any
 from uuid import UUID
 
-from projections.eventinfo import actor_of, event_fields, event_type, json_default
+from projections.eventinfo import actor_of, event_attrs, event_fields, event_type, json_default
 
 __all__ = ["audit_row", "plain_summary"]
 
@@ -33,7 +33,7 @@ _IN_COLUMNS = frozenset(
 def audit_row(event: Any, position: int, stored: str | None = None) -> dict[str, Any]:
     """The audit row of ``event``; ``stored``: its serialised state, if JSON, as summary."""
     kind = event_type(event)
-    fields = event_fields(event)
+    fields = event_attrs(event)
     step = fields.get("step") or fields.get("failed_step")
     attempt = fields.get("attempt")
     return {
@@ -46,7 +46,7 @@ def audit_row(event: Any, position: int, stored: str | None = None) -> dict[str,
         "command_id": _uuid(fields.get("command_id")),
         "occurred_at": event.timestamp,
         "actor": actor_of(event, kind),
-        "summary": stored if stored is not None else _ENCODER.encode(fields),
+        "summary": stored if stored is not None else _ENCODER.encode(event_fields(event)),
     }
 
 

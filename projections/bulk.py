@@ -9,6 +9,7 @@ size. SQLite is in-process: an ``executemany`` of ``INSERT ... ON CONFLICT`` is 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 from uuid import UUID
 
@@ -30,7 +31,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from projections.database import UTCDateTime
 
-__all__ = ["insert_many", "rows_by_id", "upsert_many"]
+__all__ = ["insert_many", "qualified", "rows_by_id", "upsert_many"]
 
 #: Ids per ``IN (...)`` list on SQLite, well under its parameter limit.
 _CHUNK = 500
@@ -52,7 +53,8 @@ def _pg_type(column: Column[Any]) -> str:
     return "text"  # String and Text columns; varchar's binary input reads text
 
 
-def _qualified(conn: Connection, table: Table) -> str:
+def qualified(conn: Connection, table: Table) -> str:
+    """The table's name for raw SQL, in the schema the connection's statements use."""
     schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(None)
     return f'"{schema}"."{table.name}"' if schema else f'"{table.name}"'
 
@@ -64,8 +66,9 @@ def _copy(conn: Connection, target: str, table: Table, rows: Sequence[dict[str, 
     quoted = ", ".join(f'"{n}"' for n in names)
     with cursor.copy(f"COPY {target} ({quoted}) FROM STDIN (FORMAT BINARY)") as copy:
         copy.set_types([_pg_type(c) for c in columns])
+        values = itemgetter(*names)  # a row's values in column order, without a Python loop
         for row in rows:
-            copy.write_row([row[n] for n in names])
+            copy.write_row(values(row))
 
 
 def rows_by_id(conn: Connection, table: Table, ids: Sequence[UUID]) -> list[Any]:
@@ -89,7 +92,7 @@ def insert_many(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) 
     if conn.dialect.name != "postgresql":
         conn.execute(insert(table), list(rows))
         return
-    _copy(conn, _qualified(conn, table), table, rows)
+    _copy(conn, qualified(conn, table), table, rows)
 
 
 def upsert_many(
@@ -107,7 +110,7 @@ def upsert_many(
         return
     others = [c.name for c in table.columns if c.name not in keys]
     if conn.dialect.name == "postgresql":
-        name = _qualified(conn, table)
+        name = qualified(conn, table)
         staging = f'"_batch_{table.name}"'
         # Created once per connection (IF NOT EXISTS: a rolled-back batch takes its creation
         # with it); emptied by every commit.

@@ -33,7 +33,7 @@ from projections.parsing import parse_duration, parse_saga_id, parse_time
 from projections.queries import SagaQueries, TimeRange
 from projections.rebuild import rebuild
 from projections.replay import explain
-from projections.runner import ProjectionRunner
+from projections.runner import CATCH_UP_GROWTH, CATCH_UP_LIMIT, ProjectionRunner
 from projections.schema import PROJECTIONS
 from saga_es.errors import UnknownSagaError
 from saga_es.persistence.settings import DATABASE_URL_ENV, DatabaseSettings
@@ -226,6 +226,11 @@ def stats(
 
 # -- saga-es projections ----------------------------------------------------------------------
 
+_BATCH_HELP = (
+    f"Events per transaction; while catching up on PostgreSQL batches grow to {CATCH_UP_GROWTH} "
+    f"times as many (at most {CATCH_UP_LIMIT:,})."
+)
+
 
 @projections_app.command("run")
 def run(
@@ -233,9 +238,7 @@ def run(
     only: Annotated[
         list[str] | None, typer.Option(help="Only this projection (repeatable).")
     ] = None,
-    batch_size: Annotated[
-        int, typer.Option(min=1, max=100_000, help="Events per transaction.")
-    ] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1, max=100_000, help=_BATCH_HELP)] = 1000,
     poll_interval: Annotated[float, typer.Option(min=0.01, help="Seconds between polls.")] = 1.0,
     pause_before_commit: Annotated[float, typer.Option(hidden=True, min=0.0)] = 0.0,
     log_level: Annotated[
@@ -289,9 +292,7 @@ def projections_status(as_json: Json = False, database_url: DatabaseUrl = None) 
 @projections_app.command("rebuild")
 def projections_rebuild(
     name: Annotated[str, typer.Argument(help=f"One of: {', '.join(PROJECTIONS)}.")],
-    batch_size: Annotated[
-        int, typer.Option(min=1, max=100_000, help="Events per transaction.")
-    ] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1, max=100_000, help=_BATCH_HELP)] = 1000,
     force: Annotated[
         bool, typer.Option(help="Take over from a rebuild whose process died.")
     ] = False,

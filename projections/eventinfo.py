@@ -26,6 +26,7 @@ __all__ = [
     "UnknownEvent",
     "actor_of",
     "decode",
+    "event_attrs",
     "event_fields",
     "event_type",
     "json_default",
@@ -80,7 +81,14 @@ def event_type(event: Any) -> str:
     return type(event).__name__
 
 
+def event_attrs(event: Any) -> Mapping[str, Any]:
+    """The event's fields by name, without copying them: for reading a few (the envelope's
+    may be there too)."""
+    return event.fields if isinstance(event, UnknownEvent) else vars(event)
+
+
 def event_fields(event: Any) -> dict[str, Any]:
+    """A copy of the event's own fields (the envelope's left out)."""
     if isinstance(event, UnknownEvent):
         return dict(event.fields)
     return {k: v for k, v in vars(event).items() if k not in _ENVELOPE}

@@ -14,6 +14,20 @@ the tracking rows until the first commits, then goes on from the position it lef
 Events are read and decoded once per batch for every view: views at different positions (one
 just rebuilt) are fed from the lowest, each skipping what it already has.
 
+Catching up, batches grow: after a full batch the next one reads twice as many events, up to
+``max_batch_size``, and the size drops back to ``batch_size`` as soon as a batch comes back
+short (the runner has reached the head). What a batch costs whatever its size (a commit, a
+dozen statements) is then paid less often, and a saga's events fall into fewer batches, so its
+status row is written fewer times: catching up on a million events took 40% less time
+(``bench/projections.py``, batches of 1,000 growing to 10,000). On SQLite a batch holds the
+database's only write lock, which the engine waits on too, so there batches keep
+``batch_size``. While batches come back full, the cyclic garbage collector stays paused
+(``collector``). When the runner reaches the head after ``ANALYZE_AFTER`` full batches or
+more, the writers refresh the query planner's statistics of their tables (``ANALYZE``, in
+that batch's transaction): autovacuum would too, but a minute or so later, and until then a
+freshly filled status table can get a slow plan (at 20,000 sagas, listing by state took
+14 ms instead of 2 to 4).
+
 Waiting for new events: on PostgreSQL the runner LISTENs on the channel eventsourcing NOTIFYs
 on every insert into the events table (the ``saga_outbox`` channel would miss decisions that
 issue no command, such as a saga completing), and polls every ``poll_interval`` seconds as
@@ -39,6 +53,7 @@ from eventsourcing.persistence import PersistenceError
 from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from projections.collector import CollectorPause
 from projections.database import ViewDatabase
 from projections.errors import RebuildSupersededError
 from projections.eventinfo import decode
@@ -50,9 +65,24 @@ from saga_es.persistence.settings import DatabaseSettings
 from saga_es.persistence.store import SagaStore
 from saga_es.state import SagaState
 
-__all__ = ["BatchResult", "ProjectionRunner", "Target"]
+__all__ = [
+    "ANALYZE_AFTER",
+    "CATCH_UP_GROWTH",
+    "CATCH_UP_LIMIT",
+    "BatchResult",
+    "ProjectionRunner",
+    "Target",
+]
 
 log = logging.getLogger("projections.runner")
+
+#: How many times ``batch_size`` a batch grows to while catching up, by default (PostgreSQL),
+#: but to no more than ``CATCH_UP_LIMIT`` events: the batch and the one read ahead are in memory.
+CATCH_UP_GROWTH = 10
+CATCH_UP_LIMIT = 20_000
+
+#: Full batches in a row after which reaching the head refreshes the planner's statistics.
+ANALYZE_AFTER = 10
 
 
 @dataclass(frozen=True)
@@ -80,9 +110,12 @@ class ProjectionRunner:
     """Keeps the active version of ``names`` (default: every projection) up to date.
 
     ``targets`` instead names explicit (projection, version) table sets: the rebuild uses it
-    to fill a new version beside the live one. ``pause_before_commit`` holds every batch open
-    that many seconds before its commit, for crash tests and for watching two runners take
-    turns; never in production.
+    to fill a new version beside the live one. ``batch_size`` is the events per transaction
+    when following the log, ``max_batch_size`` the most a batch grows to while catching up
+    (default: ``CATCH_UP_GROWTH`` times ``batch_size`` on PostgreSQL, at most
+    ``CATCH_UP_LIMIT``; ``batch_size`` on SQLite). ``pause_before_commit``
+    holds every batch open that many seconds before its commit, for crash tests and for
+    watching two runners take turns; never in production.
     """
 
     def __init__(
@@ -92,6 +125,7 @@ class ProjectionRunner:
         names: Sequence[str] | None = None,
         targets: Sequence[Target] | None = None,
         batch_size: int = 1000,
+        max_batch_size: int | None = None,
         poll_interval: float = 1.0,
         pause_before_commit: float = 0.0,
         store: SagaStore | None = None,
@@ -100,6 +134,13 @@ class ProjectionRunner:
         self.names = list(names or PROJECTIONS)
         self.fixed_targets = list(targets) if targets else None
         self.batch_size = batch_size
+        self.max_batch_size = max(
+            batch_size, max_batch_size or _catch_up_size(settings, batch_size)
+        )
+        self._limit = batch_size  # of the next read: grows while catching up
+        self._behind = False  # the last batch came back full
+        self._full_batches = 0  # in a row, up to the last
+        self._collector = CollectorPause()
         self.poll_interval = poll_interval
         self.pause_before_commit = pause_before_commit
         self._own_store = store is None
@@ -116,6 +157,7 @@ class ProjectionRunner:
         ensure_schema(self.db)
 
     def close(self) -> None:
+        self._collector.resume()
         self._prefetch.shutdown(wait=True, cancel_futures=True)
         if self._listener is not None:
             self._listener.close()
@@ -137,11 +179,14 @@ class ProjectionRunner:
         to position ``until``); the number of events read."""
         head = self.head() if until is None else until
         total = 0
-        while True:
-            result = self._retrying(self.step)
-            total += result.events
-            if result.events == 0 or result.end >= head:
-                return total
+        try:
+            while True:
+                result = self._retrying(self.step)
+                total += result.events
+                if result.events == 0 or result.end >= head:
+                    return total
+        finally:
+            self._collector.resume()
 
     def run(self, stop: threading.Event) -> None:
         """Follow the log until ``stop`` is set. Database outages are waited out."""
@@ -149,6 +194,13 @@ class ProjectionRunner:
             "projections started: %s at %s (batch_size=%d)",
             ", ".join(self.names), self.db.where(), self.batch_size,
         )  # fmt: skip
+        try:
+            self._follow(stop)
+        finally:
+            self._collector.resume()
+        log.info("projections stopped")
+
+    def _follow(self, stop: threading.Event) -> None:
         failing = False
         while not stop.is_set():
             try:
@@ -166,10 +218,11 @@ class ProjectionRunner:
                 continue
             if result.events < self.batch_size:
                 self._wait(stop)
-        log.info("projections stopped")
 
     def step(self) -> BatchResult:
-        """One batch, in one transaction."""
+        """One batch, in one transaction. While batches come back full, the garbage collector
+        stays paused between them (``catch_up``, ``run`` and ``close`` resume it)."""
+        self._collector.pause()
         try:
             with self.db.writer.begin() as conn:
                 result = self.apply_batch(conn)
@@ -177,8 +230,10 @@ class ProjectionRunner:
                     log.info("holding batch (%d, %d] before commit", result.start, result.end)
                     time.sleep(self.pause_before_commit)
         except BaseException:
+            self._collector.resume()
             self.reset()
             raise
+        self._collector.batch_done(behind=self._behind)
         if result.events:
             self._committed.update(self._pending)
             log.info("committed batch (%d, %d]", result.start, result.end)
@@ -191,16 +246,17 @@ class ProjectionRunner:
         start = min(positions.values())
         events = self._fetch(start)
         if not events:
+            self._mind_statistics(conn, targets)
             return BatchResult(0, start, start)
-        end = events[-1][0]
-        last_time = events[-1][1].timestamp
+        end, last, _ = events.items[-1]
+        last_time = last.timestamp
         now = datetime.now(UTC)
         for target in targets:
             seen = positions[target.key]
             writer = self._writer(target)
             if self._committed.get(target.key) != seen:
                 writer.forget()
-            mine = [item for item in events if item[0] > seen] if seen > start else events
+            mine = events.after(seen) if seen > start else events
             if mine:
                 writer.apply(conn, mine)
             moved = conn.execute(
@@ -211,8 +267,20 @@ class ProjectionRunner:
             )
             if moved.rowcount != 1:  # cannot happen while the row is locked: say so loudly
                 raise RuntimeError(f"tracking row {target.key} moved under its lock")
+        self._mind_statistics(conn, targets)
         self._pending = {target.key: end for target in targets}
         return BatchResult(len(events), start, end)
+
+    def _mind_statistics(self, conn: Connection, targets: Sequence[Target]) -> None:
+        """Count full batches in a row; when a long run of them ends (the runner has caught
+        up), the writers refresh the query planner's statistics, in this transaction."""
+        if self._behind:
+            self._full_batches += 1
+            return
+        if self._full_batches >= ANALYZE_AFTER:
+            for target in targets:
+                self._writer(target).caught_up(conn)
+        self._full_batches = 0
 
     def reset(self) -> None:
         """Forget everything remembered between batches (after a rollback)."""
@@ -220,6 +288,9 @@ class ProjectionRunner:
             writer.forget()
         self._committed.clear()
         self._ahead = None
+        self._limit = self.batch_size
+        self._behind = False
+        self._full_batches = 0
 
     def head(self) -> int:
         """The log's last position (0 when empty)."""
@@ -263,24 +334,30 @@ class ProjectionRunner:
         read after a position stays right for as long as a batch starts there."""
         ahead, self._ahead = self._ahead, None
         fresh = ahead is None or ahead[0] != start
-        events = self._read(start) if fresh or ahead is None else ahead[1].result()
-        if len(events) == self.batch_size:
-            after = events[-1][0]
-            self._ahead = (after, self._prefetch.submit(self._read, after))
+        events = self._read(start, self._limit) if fresh or ahead is None else ahead[1].result()
+        self._behind = len(events) == self._limit
+        if not self._behind:  # at the head: back to following it
+            self._limit = self.batch_size
+            return events
+        self._limit = min(2 * self._limit, self.max_batch_size)
+        after = events.items[-1][0]
+        self._ahead = (after, self._prefetch.submit(self._read, after, self._limit))
         return events
 
-    def _read(self, start: int) -> Batch:
+    def _read(self, start: int, limit: int) -> Batch:
         app = self.store.app
         try:
             notifications = app.recorder.select_notifications(
-                start=start, limit=self.batch_size, inclusive_of_start=False
+                start=start, limit=limit, inclusive_of_start=False
             )
         except PersistenceError as exc:
             raise StoreError(f"cannot read the saga log at {self.db.where()}: {exc}") from exc
         # The audit trail keeps each event's stored JSON (see ``audit``), unless the store
         # compresses or encrypts it.
         raw = app.mapper.cipher is None and app.mapper.compressor is None
-        return [(n.id, decode(app, n), n.state.decode() if raw else None) for n in notifications]
+        return Batch(
+            [(n.id, decode(app, n), n.state.decode() if raw else None) for n in notifications]
+        )
 
     def _writer(self, target: Target) -> ViewWriter:
         writer = self._writers.get(target.key)
@@ -349,6 +426,12 @@ class ProjectionRunner:
     def _drained(self) -> Iterator[Any]:
         assert self._listener is not None
         yield from self._listener.notifies(timeout=0.001)
+
+
+def _catch_up_size(settings: DatabaseSettings, batch_size: int) -> int:
+    if settings.backend != "postgres":
+        return batch_size  # a batch holds SQLite's write lock: the engine would wait longer
+    return max(batch_size, min(CATCH_UP_GROWTH * batch_size, CATCH_UP_LIMIT))
 
 
 def _vanished_table(exc: DBAPIError) -> bool:

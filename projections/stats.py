@@ -12,7 +12,7 @@ remember of each saga (``SagaContext``: the definition, and the command awaiting
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -102,21 +102,23 @@ class StatsBatch:
         self.counters: dict[StatsKey, StepCounters] = {}
         self.changed: set[UUID] = set()
 
-    def apply(self, event: Any) -> None:
-        if isinstance(event, UnknownEvent):
-            return
-        kind = event_type(event)
-        if kind == "SagaStarted":
-            self.contexts[event.originator_id] = SagaContext(
-                event.originator_id, event.definition, event.definition_version
-            )
-            self.changed.add(event.originator_id)
-            return
-        handler = _HANDLERS.get(kind)
-        context = self.contexts.get(event.originator_id)
-        if handler is None or context is None:
-            return  # no step to count (or a stream that began before the log did)
-        handler(self, context, event)
+    def apply(self, saga_id: UUID, events: Iterable[Any]) -> None:
+        """Count one saga's events of the batch, in order."""
+        context = self.contexts.get(saga_id)
+        for event in events:
+            if isinstance(event, UnknownEvent):
+                continue
+            kind = event_type(event)
+            if kind == "SagaStarted":
+                context = self.contexts[saga_id] = SagaContext(
+                    saga_id, event.definition, event.definition_version
+                )
+                self.changed.add(saga_id)
+                continue
+            handler = _HANDLERS.get(kind)
+            # No handler: no step to count. No context: the stream began before the log did.
+            if handler is not None and context is not None:
+                handler(self, context, event)
 
     def _counters(self, context: SagaContext, step: str, phase: str) -> StepCounters:
         key = (context.definition, context.definition_version, step, phase)

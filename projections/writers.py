@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from functools import cached_property
 from typing import Any, Generic, Protocol, TypeVar
 from uuid import UUID
 
 from sqlalchemy import Connection, Table
 
 from projections.audit import audit_row
-from projections.bulk import insert_many, rows_by_id, upsert_many
+from projections.bulk import insert_many, qualified, rows_by_id, upsert_many
 from projections.schema import BUCKET_COLUMNS, Projection
 from projections.stats import COUNTERS, SagaContext, StatsBatch
 from projections.status import COLUMNS, StatusRow, apply_status, with_state
@@ -26,6 +28,7 @@ from saga_es.state import SagaState
 __all__ = [
     "AuditWriter",
     "Batch",
+    "Item",
     "StateLoader",
     "StatsWriter",
     "StatusWriter",
@@ -35,10 +38,34 @@ __all__ = [
 
 log = logging.getLogger("projections.runner")
 
-#: (position, event, its stored JSON state or None), in log order.
-Batch = Sequence[tuple[int, Any, str | None]]
+#: (position, event, its stored JSON state or None).
+Item = tuple[int, Any, str | None]
 StateLoader = Callable[[UUID, int], SagaState | None]
 _Row = TypeVar("_Row")
+
+
+class Batch:
+    """A batch's decoded events, in log order (``items``), and grouped by saga (``by_saga``):
+    the status and statistics folds work saga by saga, so each looks a saga up once per
+    batch rather than once per event."""
+
+    def __init__(self, items: list[Item]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def after(self, position: int) -> Batch:
+        """The events after ``position``."""
+        return Batch([item for item in self.items if item[0] > position])
+
+    @cached_property
+    def by_saga(self) -> dict[UUID, list[tuple[int, Any]]]:
+        """Each saga's (position, event) pairs in order; worked out once for every writer."""
+        groups: defaultdict[UUID, list[tuple[int, Any]]] = defaultdict(list)
+        for position, event, _ in self.items:
+            groups[event.originator_id].append((position, event))
+        return dict(groups)  # a plain dict: looking up a saga not in the batch adds nothing
 
 
 class ViewWriter(Protocol):
@@ -48,6 +75,9 @@ class ViewWriter(Protocol):
     def forget(self) -> None:
         """Drop what is remembered of the view's rows: another process may have changed
         them, or the transaction that would have stored them rolled back."""
+
+    def caught_up(self, conn: Connection) -> None:
+        """The runner has just applied a long run of full batches and reached the head."""
 
 
 class _Cache(Generic[_Row]):
@@ -96,27 +126,40 @@ class StatusWriter:
     def forget(self) -> None:
         self.cache.clear()
 
+    def caught_up(self, conn: Connection) -> None:
+        # Lists filter and order by any of eight indexes: which one is fast depends on the
+        # planner's statistics, stale after a bulk load until autovacuum gets to the table.
+        # (SQLite has none unless asked, before or after: nothing to refresh there.)
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"ANALYZE {qualified(conn, self.table)}")
+
     def apply(self, conn: Connection, batch: Batch) -> None:
-        started = {e.originator_id for _, e, _ in batch if type(e).__name__ == "SagaStarted"}
-        rows, missing = self.cache.split({e.originator_id for _, e, _ in batch} - started)
+        groups = batch.by_saga
+        rows, missing = self.cache.split(s for s, events in groups.items() if not _starts(events))
         for r in rows_by_id(conn, self.table, missing):
             rows[r.saga_id] = StatusRow(**{c: getattr(r, c) for c in COLUMNS})
-        for position, event, _ in batch:
-            saga_id = event.originator_id
-            current = rows.get(saga_id)
-            if current is None and saga_id not in started:
+        for saga_id, events in groups.items():
+            row = self._fold(saga_id, rows.get(saga_id), events)
+            if row is not None:
+                rows[saga_id] = row
+        upsert_many(conn, self.table, ["saga_id"], [r.as_dict() for r in rows.values()])
+        self.cache.keep(rows)
+
+    def _fold(
+        self, saga_id: UUID, row: StatusRow | None, events: list[tuple[int, Any]]
+    ) -> StatusRow | None:
+        for position, event in events:
+            if row is None and not _is_start(event):
                 log.warning("saga %s: event at %d before its start; skipped", saga_id, position)
                 continue
-            row, unknown = apply_status(current, event, position)
+            row, unknown = apply_status(row, event, position)
             if unknown:
                 # A type this fold does not know (newer than this code): the saga's own state
                 # rules do; rebuild the state columns from its stream up to this event.
                 state = self.load_state(saga_id, event.originator_version)
                 if state is not None:
                     with_state(row, state)
-            rows[saga_id] = row
-        upsert_many(conn, self.table, ["saga_id"], [r.as_dict() for r in rows.values()])
-        self.cache.keep(rows)
+        return row
 
 
 class AuditWriter:
@@ -126,10 +169,14 @@ class AuditWriter:
     def forget(self) -> None:
         pass  # nothing kept: every event is a new row
 
+    def caught_up(self, conn: Connection) -> None:
+        pass  # read by saga only, through its one index: no plan to choose
+
     def apply(self, conn: Connection, batch: Batch) -> None:
         # A plain INSERT: a position already recorded violates the primary key and aborts the
         # batch, a second guard (after the tracking row) against applying an event twice.
-        insert_many(conn, self.table, [audit_row(e, p, stored) for p, e, stored in batch])
+        rows = [audit_row(e, p, stored) for p, e, stored in batch.items]
+        insert_many(conn, self.table, rows)
 
 
 class StatsWriter:
@@ -140,16 +187,19 @@ class StatsWriter:
     def forget(self) -> None:
         self.cache.clear()
 
+    def caught_up(self, conn: Connection) -> None:
+        pass  # a few rows per step, read whole: no plan to choose
+
     def apply(self, conn: Connection, batch: Batch) -> None:
-        ids = {e.originator_id for _, e, _ in batch if type(e).__name__ != "SagaStarted"}
-        known, missing = self.cache.split(ids)
+        groups = batch.by_saga
+        known, missing = self.cache.split(s for s, events in groups.items() if not _starts(events))
         for r in rows_by_id(conn, self.sagas, missing):
             known[r.saga_id] = SagaContext(
                 r.saga_id, r.definition, r.definition_version, r.command_id, r.issued_at
             )
         counting = StatsBatch(known)
-        for _, event, _ in batch:
-            counting.apply(event)
+        for saga_id, events in groups.items():
+            counting.apply(saga_id, [event for _, event in events])
         contexts = [vars(counting.contexts[s]) for s in counting.changed]
         upsert_many(conn, self.sagas, ["saga_id"], contexts)
         upsert_many(
@@ -161,3 +211,12 @@ class StatsWriter:
             maximum=("latency_max_ms",),
         )
         self.cache.keep(counting.contexts)
+
+
+def _is_start(event: Any) -> bool:
+    return type(event).__name__ == "SagaStarted"
+
+
+def _starts(events: list[tuple[int, Any]]) -> bool:
+    """Whether a saga's events in a batch begin with its start: a saga new to the views."""
+    return _is_start(events[0][1])

@@ -8,6 +8,7 @@ rebuild. The queries are checked against the same data.
 
 from __future__ import annotations
 
+import gc
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -68,6 +69,41 @@ def test_views_built_batch_by_batch_while_sagas_run_agree_too(setup: Setup) -> N
             runner.step()  # a batch in the middle of things: views see partial sagas
         runner.catch_up()
     assert_views_agree(setup.url, setup.engine.store)
+
+
+def test_batches_grow_while_catching_up_and_the_collector_is_given_back(setup: Setup) -> None:
+    drive(setup.engine, setup.clock, "f")
+    head = setup.engine.store.count("events")
+    with ProjectionRunner(setup.settings, batch_size=4, max_batch_size=16) as runner:
+        sizes = []
+        while (events := runner.step().events) > 0:
+            sizes.append(events)
+        assert sizes[:3] == [4, 8, 16]  # doubling from batch_size up to max_batch_size
+        assert all(size == 16 for size in sizes[2:-1])
+        assert sum(sizes) == head
+        assert gc.isenabled()  # the short batch at the head resumed it
+        drive_one(setup.engine, setup.clock, "f-more", "complete")
+        assert runner.step().events == 4  # back to batch_size once at the head
+        runner.catch_up()
+    assert gc.isenabled()  # catch_up and close give it back, whatever the last batch was
+    assert_views_agree(setup.url, setup.engine.store)
+
+
+@pytest.mark.postgres
+def test_a_long_catch_up_ends_with_fresh_planner_statistics(postgres_url: str) -> None:
+    clock = VirtualClock()
+    settings = DatabaseSettings.from_url(postgres_url)
+    with SagaEngine([order_fulfillment], database_url=postgres_url, clock=clock) as engine:
+        ids = drive(engine, clock, "p")
+        with ProjectionRunner(settings, batch_size=2, max_batch_size=2) as runner:
+            status = runner.db.table("saga_status_v1")
+            sql = f"SELECT reltuples FROM pg_class WHERE oid = '{status}'::regclass"
+            runner.step()
+            with runner.db.reader.connect() as conn:
+                assert conn.exec_driver_sql(sql).scalar() == -1  # never analysed
+            runner.catch_up()  # far more than ANALYZE_AFTER full batches
+            with runner.db.reader.connect() as conn:
+                assert conn.exec_driver_sql(sql).scalar() == len(ids)
 
 
 def test_a_rebuild_gives_the_views_incremental_processing_gave(setup: Setup) -> None:

@@ -243,13 +243,14 @@ def ours(base_url: str, rabbitmq: str, sagas: int, fail_at_shipment: bool) -> fl
             "('saga_es.events:SagaCompleted', 'saga_es.events:SagaCompensated')) "
             f'FROM "{name}".saga_events WHERE notification_id > %s'
         )
-        seen = {"position": 0, "ended": 0}
+        position, finished = 0, 0
 
         def done() -> int:
-            row = watcher.execute(ended, (seen["position"],)).fetchone()
+            nonlocal position, finished
+            row = watcher.execute(ended, (position,)).fetchone()
             if row and row[0] is not None:
-                seen["position"], seen["ended"] = row[0], seen["ended"] + row[1]
-            return seen["ended"]
+                position, finished = row[0], finished + row[1]
+            return finished
 
         # I/O-bound workers (a database round trip or a broker confirm per step): threads
         # overlap those waits; the engine is thread-safe, the participants' sessions too.

@@ -16,11 +16,9 @@ stderr and exit status 2 (``saga_es.cli.main`` prints every ``SagaError`` so).
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import FrameType
 from typing import Annotated
 
 import typer
@@ -35,23 +33,18 @@ from projections.rebuild import rebuild
 from projections.replay import explain
 from projections.runner import CATCH_UP_GROWTH, CATCH_UP_LIMIT, ProjectionRunner
 from projections.schema import PROJECTIONS
+from saga_es.cli_options import DatabaseUrl
 from saga_es.errors import UnknownSagaError
-from saga_es.persistence.settings import DATABASE_URL_ENV, DatabaseSettings
+from saga_es.persistence.settings import DatabaseSettings
 from saga_es.persistence.store import SagaStore
+from saga_es.signals import stop_on_signals
 
 __all__ = ["projections_app", "register"]
 
 console = Console()
+log = logging.getLogger("projections.cli")
 projections_app = typer.Typer(no_args_is_help=True, help="Run, watch and rebuild the views.")
 
-DatabaseUrl = Annotated[
-    str | None,
-    typer.Option(
-        "--database-url",
-        help=f"postgresql://... or sqlite:///path (default: ${DATABASE_URL_ENV}, else sqlite:///saga-es.db)",
-        show_default=False,
-    ),
-]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
 
 
@@ -265,13 +258,14 @@ def run(
                 console.print(f"projections caught up: {applied} events applied")
             return
         stop = threading.Event()
-
-        def stopping(signum: int, frame: FrameType | None) -> None:
-            stop.set()
-
-        signal.signal(signal.SIGTERM, stopping)
-        signal.signal(signal.SIGINT, stopping)
-        runner.run(stop)
+        with stop_on_signals(
+            stop.set,
+            stopping=stop.is_set,
+            log=log,
+            graceful="stopping after the batch in hand",
+            abrupt="stopping now; the batch in hand rolls back",
+        ):
+            runner.run(stop)
 
 
 @projections_app.command("status")

@@ -6,14 +6,12 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from decimal import Decimal
-from enum import Enum
 from typing import Any
-from uuid import UUID
 
 from rich.console import Console
 from rich.table import Table
 
+from projections.eventinfo import json_default
 from projections.monitor import ProjectionPosition
 from projections.queries import AuditEntry, Page, StepStatistics
 from projections.replay import Replay
@@ -42,13 +40,10 @@ def plain(value: Any) -> Any:
         return {str(plain(k)): plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [plain(v) for v in value]
-    if isinstance(value, UUID | Decimal):
-        return str(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Enum):
-        return value.value
-    return value
+    try:
+        return json_default(value)  # UUIDs, decimals, times, enums
+    except TypeError:
+        return value  # a JSON value already
 
 
 def print_json(console: Console, value: Any) -> None:

@@ -26,10 +26,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from projections.cli import register as register_inspection_commands
+from saga_es.cli_options import DatabaseUrl
 from saga_es.demo.run import DemoReport, run_demo
 from saga_es.errors import SagaError
 from saga_es.operator_cli import register as register_operator_commands
-from saga_es.persistence.settings import DATABASE_URL_ENV, DatabaseSettings
+from saga_es.persistence.settings import DatabaseSettings
 from saga_es.persistence.store import init_database
 from saga_es.timer_cli import timers_app
 from saga_es.worker import DEFAULT_DEFINITIONS, DEFINITIONS_ENV, EngineWorker, load_definitions
@@ -44,15 +45,6 @@ register_operator_commands(app)  # retry, resume, abort, mark-compensated (saga_
 register_inspection_commands(app)  # status, list, history, replay, stats, projections
 console = Console()
 errors = Console(stderr=True)
-
-DatabaseUrl = Annotated[
-    str | None,
-    typer.Option(
-        "--database-url",
-        help=f"postgresql://... or sqlite:///path (default: ${DATABASE_URL_ENV}, else sqlite:///saga-es.db)",
-        show_default=False,
-    ),
-]
 
 
 @db_app.command("init")

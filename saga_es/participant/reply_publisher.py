@@ -107,13 +107,12 @@ class ReplyPublisher:
 
     def _publish(self, group: list[_Outgoing]) -> None:
         try:
-            refusals = self._publish_with_one_reconnect([o.message for o in group])
+            refusals = self._publish_reconnecting_once([o.message for o in group])
         except Exception as exc:
             refusals = {}
             for outgoing in group:
                 outgoing.error = exc
         except BaseException:  # the publishing thread itself is stopping: fail the others
-            self._disconnect()
             for outgoing in group:
                 outgoing.error = ReplyNotConfirmedError("the publishing thread was interrupted")
                 outgoing.settled = True
@@ -125,18 +124,21 @@ class ReplyPublisher:
         for outgoing in group:
             outgoing.settled = True
 
-    def _publish_with_one_reconnect(self, messages: list[WireMessage]) -> dict[int, str]:
-        # A connection idle since the broker restarted fails on first use: one fresh
-        # connection is tried at once (as kombu's publish retry would) before the error goes
-        # to the task's retry with backoff. Sending a reply twice is harmless (its id is fixed).
-        for attempt in (1, 2):
-            try:
-                return self._ready_channel().publish(messages, self._confirm_timeout)
-            except Exception:
-                self._disconnect()
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+    def _publish_reconnecting_once(self, messages: list[WireMessage]) -> dict[int, str]:
+        try:
+            return self._publish_once(messages)
+        except Exception:
+            # A connection idle since the broker restarted fails on first use: one fresh
+            # connection is tried at once (as kombu's publish retry would) before the error
+            # goes to the task's retry with backoff. A reply sent twice is harmless.
+            return self._publish_once(messages)
+
+    def _publish_once(self, messages: list[WireMessage]) -> dict[int, str]:
+        try:
+            return self._ready_channel().publish(messages, self._confirm_timeout)
+        except BaseException:
+            self._disconnect()
+            raise
 
     def _ready_channel(self) -> ConfirmingChannel:
         if self._pid != os.getpid():  # forked: the parent's connection is not ours to use

@@ -20,6 +20,7 @@ from eventsourcing.utils import Environment, EnvType
 from saga_es.aggregate import Saga
 from saga_es.decide import Decision
 from saga_es.errors import ConfigurationError, StoreError
+from saga_es.persistence.postgres import COMMIT_FUNCTION_SIGNATURE
 from saga_es.persistence.settings import DatabaseSettings
 from saga_es.persistence.state_cache import StateCache
 from saga_es.persistence.writes import SideWrites, parse_sqlite_time
@@ -233,11 +234,17 @@ class SagaStore:
             cursor.execute(sql, params)
 
     def _require_tables(self) -> None:
+        missing = "the saga tables do not exist"
         try:
             self._query(f"SELECT 1 FROM {self.table('saga_outbox')} WHERE 1 = 0", [])
+            if self.settings.backend == "postgres":
+                function = self.table(COMMIT_FUNCTION_SIGNATURE)
+                missing = "the function saga_es_commit does not exist (set up by an older saga-es?)"
+                if self._query("SELECT to_regprocedure(?) AS f", [function])[0]["f"] is None:
+                    raise PersistenceError(function)
         except PersistenceError as exc:
             raise ConfigurationError(
-                f"the saga tables do not exist at {self.settings.redacted()}: "
+                f"{missing} at {self.settings.redacted()}: "
                 "run `saga-es db init` once before starting engines, workers or relays"
             ) from exc
 

@@ -1,4 +1,4 @@
-"""What decisions write besides their events, handed to the recorder hook in one value.
+"""What decisions write besides their events, handed to the recorder in one value.
 
 Several decisions (for different sagas, or successive ones for the same saga) may commit in
 one transaction; ``SideWrites.of`` merges what they write.

@@ -1,9 +1,11 @@
 """Participants for bench/e2e.py doing what the chain's tasks do: one INSERT per step.
 
 Each handler inserts one row through the SDK, which adds what makes it a saga participant:
-the inbox row keyed by the idempotency key in the same transaction, and the reply. The
-shipment fails for orders whose id starts with ``fail-`` (a business failure: compensate).
-Configured by environment: ``SAGA_ES_EXAMPLES_DATABASE_URL``, ``SAGA_ES_BROKER_URL``.
+the inbox row keyed by the idempotency key in the same transaction, and the reply. Like the
+chain's tasks, the handlers write with psycopg (``using="psycopg"``: the transaction's own
+connection). The shipment fails for orders whose id starts with ``fail-`` (a business failure:
+compensate). Configured by environment: ``SAGA_ES_EXAMPLES_DATABASE_URL``,
+``SAGA_ES_BROKER_URL``.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import psycopg
 from sqlalchemy import text
-from sqlalchemy.orm import Session
 
 from saga_es.messages import CommandMessage
 from saga_es.messaging import celery_app
@@ -25,19 +27,21 @@ _url = os.environ.get("SAGA_ES_EXAMPLES_DATABASE_URL", "sqlite:///bench-e2e.db")
 services = {name: Participant(name, database_url=_url, celery=app) for name in QUEUES}
 
 
-def record(session: Session, command: CommandMessage, step: str) -> dict[str, Any]:
-    session.execute(
-        text("INSERT INTO bench_effects (order_id, step) VALUES (:o, :s)"),
-        {"o": command.payload["data"]["order_id"], "s": step},
+def record(
+    connection: psycopg.Connection[Any], command: CommandMessage, step: str
+) -> dict[str, Any]:
+    connection.execute(
+        "INSERT INTO bench_effects (order_id, step) VALUES (%s, %s)",
+        (command.payload["data"]["order_id"], step),
     )
     return {}
 
 
 def handler(step: str, fails: bool = False) -> Any:
-    def handle(command: CommandMessage, session: Session) -> dict[str, Any]:
+    def handle(command: CommandMessage, connection: psycopg.Connection[Any]) -> dict[str, Any]:
         if fails and command.payload["data"]["order_id"].startswith("fail-"):
             raise BusinessError("no_carrier", "no carrier for this order")
-        return record(session, command, step)
+        return record(connection, command, step)
 
     handle.__name__ = step.replace(".", "_")
     return handle
@@ -52,7 +56,7 @@ for command_name, fails in (
     ("notification.send", False),
 ):
     service = services[command_name.split(".")[0]]
-    service.handles(command_name)(handler(command_name, fails))
+    service.handles(command_name, using="psycopg")(handler(command_name, fails))
 
 
 def create_tables() -> None:

@@ -1,6 +1,10 @@
 """The participant's transaction, in-process on real databases (no broker): effects happen once
 per idempotency key, business failures keep nothing but the outcome, transient failures leave no
-trace, and compensating an action that never took effect makes sure it never will."""
+trace, and compensating an action that never took effect makes sure it never will.
+
+The behaviour tests run for both kinds of handler: ORM handlers given a session (SQLite and
+PostgreSQL) and plain-SQL handlers given the psycopg connection (``using="psycopg"``,
+PostgreSQL only)."""
 
 from __future__ import annotations
 
@@ -11,9 +15,11 @@ from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 import pytest
-from conftest import order
+from conftest import order, postgres_base_url
 from processes import wait_until
+from psycopg.pq import TransactionStatus
 from sqlalchemy import String, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -32,6 +38,8 @@ from saga_es.participant import (
     report_outcome,
 )
 from saga_es.participant.database import Database
+from saga_es.participant.transactions import Transactions, Using
+from saga_es.persistence.settings import DatabaseSettings
 
 
 class Base(DeclarativeBase):
@@ -47,17 +55,28 @@ class Effect(Base):
 
 
 class Service:
-    """A participant whose handlers count their calls and can be told to fail."""
+    """A participant whose handlers count their calls and can be told to fail.
 
-    def __init__(self, database_url: str) -> None:
+    using: what its handlers write with, an ORM session or the psycopg connection (plain SQL).
+    Either way they write the same rows, return the same results, and ``before`` is called
+    with what the handler was given, first thing in the reserve handler.
+    """
+
+    def __init__(self, database_url: str, using: Using = "session") -> None:
+        self.url = database_url
         self.participant = Participant("inventory", database_url=database_url)
         self.calls: Counter[str] = Counter()
         self.fail_with: Exception | None = None
-        self.before: Callable[[Session], None] = lambda session: None
+        self.before: Callable[[Any], None] = lambda writer: None
         self.participant.create_tables()
         with self.participant.database.engine.begin() as connection:
             Base.metadata.create_all(connection)
+        if using == "psycopg":
+            self._psycopg_handlers()
+        else:
+            self._session_handlers()
 
+    def _session_handlers(self) -> None:
         @self.participant.handles("inventory.reserve")
         def reserve(command: CommandMessage, session: Session) -> dict[str, Any]:
             self.before(session)
@@ -73,6 +92,24 @@ class Service:
             self.calls[command.command] += 1
             session.add(Effect(saga_id=str(command.saga_id), kind="released"))
 
+    def _psycopg_handlers(self) -> None:
+        insert = "INSERT INTO test_effects (saga_id, kind) VALUES (%s, %s)"
+
+        @self.participant.handles("inventory.reserve", using="psycopg")
+        def reserve(command: CommandMessage, connection: psycopg.Connection[Any]) -> dict[str, Any]:
+            assert connection.info.transaction_status == TransactionStatus.INTRANS  # the claim's
+            self.before(connection)
+            self.calls[command.command] += 1
+            connection.execute(insert, (str(command.saga_id), "reserved"))
+            if self.fail_with is not None:
+                raise self.fail_with
+            return {"reservation": "r-1", "amount": Decimal("12.50")}
+
+        @self.participant.handles("inventory.release", using="psycopg")
+        def release(command: CommandMessage, connection: psycopg.Connection[Any]) -> None:
+            self.calls[command.command] += 1
+            connection.execute(insert, (str(command.saga_id), "released"))
+
     def effects(self, kind: str = "reserved") -> int:
         with self.participant.sessions() as session:
             return int(
@@ -85,17 +122,48 @@ class Service:
             return {e.idempotency_key: e for e in session.scalars(select(InboxEntry))}
 
 
-@pytest.fixture
-def engine(database_url: str) -> Iterator[SagaEngine]:
-    with SagaEngine([order_fulfillment], database_url=database_url) as e:
-        yield e
+def query(writer: Session | psycopg.Connection[Any], sql: str) -> Any:
+    """The one value ``sql`` selects, asked with what a handler was given (either kind)."""
+    if isinstance(writer, Session):
+        return writer.scalar(text(sql))
+    row = writer.execute(sql).fetchone()
+    return None if row is None else row[0]
 
 
-@pytest.fixture
-def service(database_url: str) -> Iterator[Service]:
-    s = Service(database_url)
+def terminate(pid: int) -> None:
+    """End a database connection from outside, as a database restart or a proxy would."""
+    conninfo = DatabaseSettings.from_url(postgres_base_url()).psycopg_conninfo
+    gone = "SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = %s"
+    with psycopg.connect(conninfo, autocommit=True) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+        wait_until(
+            lambda: admin.execute(gone, (pid,)).fetchone() == (True,),
+            timeout=30,
+            what=f"backend {pid} to exit",
+        )
+
+
+#: (database, handler kind): psycopg handlers need PostgreSQL, so there is no SQLite one.
+FLAVOURS = [
+    pytest.param(("sqlite_url", "session"), id="sqlite-session"),
+    pytest.param(("postgres_url", "session"), id="postgres-session"),
+    pytest.param(("postgres_url", "psycopg"), id="postgres-psycopg"),
+]
+
+
+@pytest.fixture(params=FLAVOURS)
+def service(request: pytest.FixtureRequest) -> Iterator[Service]:
+    url_fixture, using = request.param
+    s = Service(str(request.getfixturevalue(url_fixture)), using)
     yield s
     s.participant.database.dispose()
+
+
+@pytest.fixture
+def engine(service: Service) -> Iterator[SagaEngine]:
+    """The saga engine on the service's database."""
+    with SagaEngine([order_fulfillment], database_url=service.url) as e:
+        yield e
 
 
 def reserve_command(engine: SagaEngine, n: int = 1) -> CommandMessage:
@@ -163,29 +231,31 @@ def test_a_refusal_yields_to_a_delivery_that_claimed_the_key_meanwhile(
     and replied, never both."""
     command = reserve_command(engine)
     participant = service.participant
-    real = participant.sessions
+    real = participant._transactions
     meanwhile: list[Any] = []
 
-    class Sessions:
+    def interleaved(using: Using) -> Transactions:
         """Runs attempt 2 to its commit just before the refusal is recorded."""
+        begin = real(using)
+        begun = 0
 
-        def __init__(self) -> None:
-            self.begun = 0
-
-        def begin(self) -> Any:
-            self.begun += 1
-            if self.begun == 2 and not meanwhile:
+        def counted() -> Any:
+            nonlocal begun
+            begun += 1
+            if begun == 2 and not meanwhile:
                 service.fail_with = None
-                participant._sessions = real
+                participant._transactions = real  # type: ignore[method-assign]
                 meanwhile.append(participant.process(attempt(command, 2)))
-            return real.begin()
+            return begin()
+
+        return counted
 
     service.fail_with = BusinessError("out_of_stock", "SKU-1 is sold out")
-    participant._sessions = Sessions()  # type: ignore[assignment]
+    participant._transactions = interleaved  # type: ignore[method-assign]
     try:
         reply = participant.process(command)
     finally:
-        participant._sessions = real
+        participant._transactions = real  # type: ignore[method-assign]
 
     [second] = meanwhile
     assert second.ok
@@ -261,16 +331,19 @@ def test_compensating_a_refused_action_is_a_no_op(service: Service, engine: Saga
     assert service.calls["inventory.release"] == 0
 
 
-def test_concurrent_attempts_of_one_step_wait_for_each_other(postgres_url: str) -> None:
+@pytest.mark.parametrize("using", ["session", "psycopg"])
+def test_concurrent_attempts_of_one_step_wait_for_each_other(
+    postgres_url: str, using: Using
+) -> None:
     """Attempt 2 (sent after a timeout) arrives while attempt 1 is still running: it waits on
     attempt 1's inbox claim and then replays its outcome instead of running the handler."""
-    service = Service(postgres_url)
+    service = Service(postgres_url, using)
     first_running, release_first = threading.Event(), threading.Event()
     backend: list[int] = []
 
-    def hold_first_attempt(session: Session) -> None:
+    def hold_first_attempt(writer: Any) -> None:
         if not backend:
-            backend.append(int(session.scalar(text("SELECT pg_backend_pid()")) or 0))
+            backend.append(int(query(writer, "SELECT pg_backend_pid()")))
             first_running.set()
             assert release_first.wait(30)
 
@@ -302,20 +375,100 @@ def test_concurrent_attempts_of_one_step_wait_for_each_other(postgres_url: str) 
     service.participant.database.dispose()
 
 
-def test_report_outcome_appends_the_sagas_events_directly(engine: SagaEngine) -> None:
-    command = reserve_command(engine)
+def test_psycopg_commands_hand_the_pooled_connection_back_idle(postgres_url: str) -> None:
+    """With one pooled connection (pool_size=1), every command runs on the same backend in
+    turn: after a success, a transient failure and a refusal the connection is back in the
+    pool outside any transaction, and the next command applies on it."""
+    service = Service(f"{postgres_url}&pool_size=1&max_overflow=0", "psycopg")
+    pids: list[int] = []
+    service.before = lambda connection: pids.append(query(connection, "SELECT pg_backend_pid()"))
+    with SagaEngine([order_fulfillment], database_url=postgres_url) as engine:
+        applied, transient, refused, last = (reserve_command(engine, n) for n in range(1, 5))
 
-    outcome = report_outcome(engine, command, result={"reservation": "r-9"})
-    again = report_outcome(engine, command, result={"reservation": "r-9"})
+    def pooled() -> tuple[int, TransactionStatus]:
+        connection = service.participant.database.engine.raw_connection()
+        try:
+            info = connection.driver_connection.info  # type: ignore[union-attr]
+            return info.backend_pid, info.transaction_status
+        finally:
+            connection.close()
 
-    assert outcome.state.results["reserve_inventory"] == {"reservation": "r-9"}
-    assert [c.command for c in outcome.commands] == ["payment.charge"]
-    assert again.duplicate  # the same reply id: the engine's inbox kept the first
-    charge = outcome.commands[0]
-    declined = report_outcome(engine, charge, error=BusinessError("card_declined", "no"))
-    assert [c.command for c in declined.commands] == ["inventory.release"]
-    with pytest.raises(ValueError, match="not both"):
-        report_outcome(engine, charge, result={}, error=BusinessError("x"))
+    assert service.participant.process(applied).ok
+    [pid] = pids
+    assert pooled() == (pid, TransactionStatus.IDLE)
+
+    service.fail_with = ConnectionError("gateway unreachable")
+    with pytest.raises(ConnectionError):
+        service.participant.process(transient)
+    assert pooled() == (pid, TransactionStatus.IDLE)
+
+    service.fail_with = BusinessError("out_of_stock")
+    assert service.participant.process(refused).error_code == "out_of_stock"
+    assert pooled() == (pid, TransactionStatus.IDLE)
+
+    service.fail_with = None
+    assert service.participant.process(transient).ok
+    assert service.participant.process(last).ok
+    assert pids == [pid] * 5  # every handler call on the one pooled connection
+    assert service.effects() == 3
+    assert {e.outcome for e in service.inbox().values()} == {"success", "failure"}
+    assert len(service.inbox()) == 4
+    service.participant.database.dispose()
+
+
+@pytest.mark.parametrize("broken", ["between commands", "in the handler"])
+def test_psycopg_broken_connection_is_replaced_and_the_retry_applies_once(
+    postgres_url: str, broken: str
+) -> None:
+    """The participant's only pooled connection dies (a database restart, say): the command
+    on it fails as transient, the pool forgets that connection, and the retry applies the
+    command once on a fresh one."""
+    service = Service(f"{postgres_url}&pool_size=1&max_overflow=0", "psycopg")
+    pids: list[int] = []
+
+    def note_backend(connection: psycopg.Connection[Any]) -> None:
+        pids.append(query(connection, "SELECT pg_backend_pid()"))
+        if broken == "in the handler" and len(pids) == 2:
+            terminate(pids[-1])  # after the claim and before the handler's write
+
+    service.before = note_backend
+    with SagaEngine([order_fulfillment], database_url=postgres_url) as engine:
+        first, second = reserve_command(engine, 1), reserve_command(engine, 2)
+    assert service.participant.process(first).ok
+    if broken == "between commands":
+        terminate(pids[0])
+
+    with pytest.raises(psycopg.OperationalError):
+        service.participant.process(second)
+    retried = service.participant.process(second)
+
+    assert retried.ok
+    assert retried.result == {"reservation": "r-1", "amount": "12.50"}
+    assert pids[-1] != pids[0]  # a fresh connection
+    assert len(set(pids)) == 2
+    assert service.calls["inventory.reserve"] == len(pids)
+    assert service.effects() == 2  # once per command
+    inbox = service.inbox()
+    assert {inbox[c.idempotency_key].outcome for c in (first, second)} == {"success"}
+    assert service.participant.process(second) == retried
+    service.participant.database.dispose()
+
+
+def test_report_outcome_appends_the_sagas_events_directly(database_url: str) -> None:
+    with SagaEngine([order_fulfillment], database_url=database_url) as engine:
+        command = reserve_command(engine)
+
+        outcome = report_outcome(engine, command, result={"reservation": "r-9"})
+        again = report_outcome(engine, command, result={"reservation": "r-9"})
+
+        assert outcome.state.results["reserve_inventory"] == {"reservation": "r-9"}
+        assert [c.command for c in outcome.commands] == ["payment.charge"]
+        assert again.duplicate  # the same reply id: the engine's inbox kept the first
+        charge = outcome.commands[0]
+        declined = report_outcome(engine, charge, error=BusinessError("card_declined", "no"))
+        assert [c.command for c in declined.commands] == ["inventory.release"]
+        with pytest.raises(ValueError, match="not both"):
+            report_outcome(engine, charge, result={}, error=BusinessError("x"))
 
 
 def test_handles_validates_its_options_and_keeps_the_function(sqlite_url: str) -> None:
@@ -349,3 +502,26 @@ def test_handles_validates_its_options_and_keeps_the_function(sqlite_url: str) -
 def test_bad_database_urls_are_configuration_errors(url: str, problem: str) -> None:
     with pytest.raises(ConfigurationError, match=problem):
         Database(url)
+
+
+def test_psycopg_handlers_need_postgres_and_using_is_checked(
+    sqlite_url: str, postgres_url: str
+) -> None:
+    def charge(command: CommandMessage, connection: psycopg.Connection[Any]) -> None:
+        pass
+
+    on_sqlite = Participant("payment", database_url=sqlite_url)
+    with pytest.raises(ConfigurationError) as refused:
+        on_sqlite.handles("payment.charge", using="psycopg")
+    assert "participant 'payment' command 'payment.charge'" in str(refused.value)
+    assert "needs a PostgreSQL database" in str(refused.value)
+    assert on_sqlite.commands == ()
+
+    on_postgres = Participant("payment", database_url=postgres_url)
+    unknown: Any = "orm"
+    with pytest.raises(ValueError, match="using must be 'session' or 'psycopg', not 'orm'"):
+        on_postgres.handles("payment.charge", using=unknown)
+    assert on_postgres.handles("payment.charge", using="psycopg")(charge) is charge
+    assert on_postgres._registrations["payment.charge"].using == "psycopg"
+    assert on_postgres._registrations["payment.charge"].handler is charge
+    assert "payment.charge" in on_postgres.celery.tasks

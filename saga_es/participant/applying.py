@@ -25,22 +25,22 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from sqlalchemy.orm import Session, sessionmaker
-
 from saga_es.ids import idempotency_key
 from saga_es.messages import CommandMessage, ReplyMessage
 from saga_es.messaging import reply_id_for
 from saga_es.participant.errors import BusinessError
 from saga_es.participant.inbox import Inbox, InboxRecord
 from saga_es.participant.tables import FAILURE, SUCCESS, TOMBSTONE
+from saga_es.participant.transactions import Transactions
 
 __all__ = ["COMPENSATED", "NOT_APPLIED", "Handler", "apply_command", "describe"]
 
 log = logging.getLogger("saga_es.participant")
 
-#: Handlers take the command and the session of the participant's transaction. They must not
-#: commit or roll back: the participant does, together with its inbox row.
-Handler = Callable[[CommandMessage, Session], Mapping[str, Any] | None]
+#: Handlers take the command and what the participant's transaction writes with: a SQLAlchemy
+#: ``Session`` or a psycopg ``Connection`` (see ``transactions``). They must not commit or roll
+#: back: the participant does, together with its inbox row.
+Handler = Callable[[CommandMessage, Any], Mapping[str, Any] | None]
 
 #: Error code of a late action refused because its compensation came first.
 COMPENSATED = "compensated"
@@ -50,17 +50,15 @@ NOT_APPLIED: Mapping[str, Any] = MappingProxyType(
 )
 
 
-def apply_command(
-    sessions: sessionmaker[Session], participant: str, command: CommandMessage, handler: Handler
-) -> ReplyMessage:
+def apply_command(begin: Transactions, command: CommandMessage, handler: Handler) -> ReplyMessage:
     """Apply ``command`` with ``handler`` unless its effect was decided already; the reply.
 
+    ``begin`` opens the participant's transactions (``saga_es.participant.transactions``).
     Raises whatever the handler (or the database) raised other than ``BusinessError``, after
     rolling back: the command may be tried again.
     """
     try:
-        with sessions.begin() as session:
-            inbox = Inbox(session, participant)
+        with begin() as (inbox, writer):
             if not inbox.claim(command):
                 return _replay(command, inbox.get(command.idempotency_key))
             if command.phase == "compensation" and not _action_took_effect(inbox, command):
@@ -69,7 +67,7 @@ def apply_command(
                 )
                 return _record(inbox, command, _success(command, NOT_APPLIED))
             try:
-                result = handler(command, session)
+                result = handler(command, writer)
             except BusinessError as refusal:
                 raise _RefusedError(refusal) from refusal  # leaving the block rolls it all back
             if result is not None and not isinstance(result, Mapping):
@@ -80,8 +78,7 @@ def apply_command(
             return _record(inbox, command, _success(command, result or {}))
     except _RefusedError as refused:
         reply = _failure(command, refused.refusal.code, refused.refusal.message)
-        with sessions.begin() as session:
-            inbox = Inbox(session, participant)
+        with begin() as (inbox, _):
             if inbox.claim(command, reply):
                 return reply
             return _replay(command, inbox.get(command.idempotency_key))

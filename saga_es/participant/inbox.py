@@ -45,19 +45,27 @@ class InboxRecord:
 
 
 class Inbox:
-    """The inbox seen from inside one participant transaction (``session``)."""
+    """The inbox seen from inside one participant transaction.
 
-    def __init__(self, session: Session, participant: str) -> None:
-        self.session = session
+    On PostgreSQL every statement goes straight to psycopg, on the transaction's connection:
+    SQLAlchemy's execution path costs more CPU than the statements themselves, and a
+    participant runs them for every command. On SQLite they go through the session.
+    """
+
+    def __init__(self, participant: str, *, psycopg: Any = None, session: Session | None = None):
+        if (psycopg is None) == (session is None):
+            raise ValueError("an inbox works on a psycopg connection or on a session")
         self.participant = participant
+        self._psycopg = psycopg
+        self._session = session
+
+    @classmethod
+    def in_session(cls, session: Session, participant: str) -> Inbox:
+        """The inbox in ``session``'s transaction (psycopg underneath, on PostgreSQL)."""
         connection = session.connection()
-        self._dialect = connection.dialect.name
-        # On PostgreSQL the two statements every command runs (claim, record) go straight to
-        # psycopg, in the session's transaction: SQLAlchemy's execution path costs more CPU
-        # than the statements themselves, and a participant runs them for every command.
-        self._psycopg: Any = (
-            connection.connection.driver_connection if self._dialect == "postgresql" else None
-        )
+        if connection.dialect.name == "postgresql":
+            return cls(participant, psycopg=connection.connection.driver_connection)
+        return cls(participant, session=session)
 
     def claim(self, command: CommandMessage, outcome: ReplyMessage | None = None) -> bool:
         """Take the command's idempotency key, pending or with its ``outcome`` already known
@@ -81,7 +89,11 @@ class Inbox:
         )
 
     def get(self, key: UUID) -> InboxRecord | None:
-        row = self.session.execute(_SELECT, {"key": key}).mappings().first()
+        if self._psycopg is not None:
+            found = self._psycopg.execute(_PG_SELECT, {"key": key}).fetchone()
+            return None if found is None else InboxRecord(*found)
+        assert self._session is not None
+        row = self._session.execute(_SELECT, {"key": key}).mappings().first()
         if row is None:
             return None
         return InboxRecord(**{f: row[f] for f in InboxRecord.__dataclass_fields__})
@@ -96,7 +108,8 @@ class Inbox:
         if self._psycopg is not None:
             self._psycopg.execute(_PG_RECORD, {**values, "result": json.dumps(values["result"])})
         else:
-            self.session.execute(_RECORD, values)
+            assert self._session is not None
+            self._session.execute(_RECORD, values)
 
     def _insert(self, key: UUID, command: CommandMessage, **values: Any) -> bool:
         row = {
@@ -116,7 +129,8 @@ class Inbox:
         if self._psycopg is not None:
             claimed = self._psycopg.execute(_PG_CLAIM, {**row, "result": json.dumps(row["result"])})
             return claimed.fetchone() is not None
-        return self.session.execute(_CLAIM[self._dialect], row).first() is not None
+        assert self._session is not None
+        return self._session.execute(_CLAIM_SQLITE, row).first() is not None
 
 
 def _outcome_columns(reply: ReplyMessage) -> dict[str, Any]:
@@ -143,7 +157,11 @@ _CLAIM = {
     .returning(_TABLE.c.idempotency_key)
     for dialect in (postgresql, sqlite)
 }
-_SELECT = select(_TABLE).where(_TABLE.c.idempotency_key == bindparam("key"))
+_CLAIM_SQLITE = _CLAIM["sqlite"]
+# The record's fields, in InboxRecord's order, so that a row is the record's arguments.
+_SELECT = select(*(_TABLE.c[f] for f in InboxRecord.__dataclass_fields__)).where(
+    _TABLE.c.idempotency_key == bindparam("key")
+)
 _RECORD = (
     update(_TABLE)
     .where(_TABLE.c.idempotency_key == bindparam("key"))
@@ -155,7 +173,8 @@ _RECORD = (
         recorded_at=bindparam("recorded_at", type_=_TABLE.c.recorded_at.type),
     )
 )
-# The same two statements as SQL for psycopg (which takes the JSON column as JSON text).
+# The same statements as SQL for psycopg (which takes the JSON column as JSON text).
 _PSYCOPG = psycopg_dialect()  # type: ignore[no-untyped-call]
 _PG_CLAIM = str(_CLAIM["postgresql"].compile(dialect=_PSYCOPG))
 _PG_RECORD = str(_RECORD.compile(dialect=_PSYCOPG))
+_PG_SELECT = str(_SELECT.compile(dialect=_PSYCOPG))

@@ -20,6 +20,7 @@ from kombu.exceptions import OperationalError
 
 from saga_es.messages import ReplyMessage
 from saga_es.messaging import REPLY_QUEUE, celery_app
+from saga_es.participant import Participant
 from saga_es.participant.reply_publisher import ReplyNotConfirmedError, ReplyPublisher
 
 
@@ -146,3 +147,19 @@ def test_the_reply_queue_is_declared_by_the_first_send(broker_url: str) -> None:
         publisher.close()
     assert queued(broker_url) == 1
     purge(broker_url, REPLY_QUEUE)
+
+
+def test_participants_on_one_celery_app_share_one_publisher(sqlite_url: str) -> None:
+    """So that one worker serving several services groups all their replies together, on
+    one broker connection."""
+    app = celery_app("memory://")
+    payments = Participant("payment", database_url=sqlite_url, celery=app)
+    shipping = Participant("shipping", database_url=sqlite_url, celery=app)
+    alone = Participant("inventory", database_url=sqlite_url)
+    try:
+        assert ReplyPublisher.for_app(app) is ReplyPublisher.for_app(app)
+        assert payments._replies is shipping._replies is ReplyPublisher.for_app(app)
+        assert alone._replies is not payments._replies
+    finally:
+        for participant in (payments, shipping, alone):
+            participant.close()

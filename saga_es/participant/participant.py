@@ -97,7 +97,7 @@ class Participant:
             # -Q would consume replies there and drop them as tasks it does not know.
             celery.conf.task_default_queue = name
         self.celery = celery
-        self._replies = ReplyPublisher(celery)
+        self._replies = ReplyPublisher.for_app(celery)
         self._registrations: dict[str, Registration] = {}
         self._sessions: sessionmaker[Session] | None = None
 
@@ -229,7 +229,8 @@ class Participant:
         )
 
     def close(self) -> None:
-        """Close the broker connections replies went out on and the database pool."""
+        """Close the broker connection replies went out on (shared by the participants of
+        this Celery app: the next reply opens a new one) and the database pool."""
         self._replies.close()
         self.database.dispose()
 

@@ -11,6 +11,9 @@ broker CPU per reply, and less than half the client CPU of Celery's producer, wh
 every message alone (``saga_es.amqp_confirms``). Other transports (the embedded in-process
 broker, Redis) go through ``send_task``.
 
+Participants registered on one Celery app (one worker serving several services) share one
+publisher (``for_app``): their replies are grouped together, on one connection.
+
 A connection that fails is dropped and the error raised in every thread whose reply was in the
 group: each task retries its send (``task._send``) and the next group opens a new connection.
 A forked process (Celery's prefork pool) opens its own.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import Any
 
 from celery import Celery
@@ -46,6 +50,18 @@ class _Outgoing:
 
 
 class ReplyPublisher:
+    _shared: weakref.WeakKeyDictionary[Celery, ReplyPublisher] = weakref.WeakKeyDictionary()
+    _sharing = threading.Lock()
+
+    @classmethod
+    def for_app(cls, app: Celery) -> ReplyPublisher:
+        """The publisher every participant registered on ``app`` sends its replies with."""
+        with cls._sharing:
+            publisher = cls._shared.get(app)
+            if publisher is None:
+                publisher = cls._shared[app] = cls(app)
+            return publisher
+
     def __init__(self, app: Celery, *, confirm_timeout: float = 30.0) -> None:
         self._app = app
         self._confirm_timeout = confirm_timeout

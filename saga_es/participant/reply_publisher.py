@@ -50,16 +50,13 @@ class _Outgoing:
 
 
 class ReplyPublisher:
-    _shared: weakref.WeakKeyDictionary[Celery, ReplyPublisher] = weakref.WeakKeyDictionary()
-    _sharing = threading.Lock()
-
     @classmethod
     def for_app(cls, app: Celery) -> ReplyPublisher:
         """The publisher every participant registered on ``app`` sends its replies with."""
-        with cls._sharing:
-            publisher = cls._shared.get(app)
+        with _SHARING:
+            publisher = _SHARED.get(app)
             if publisher is None:
-                publisher = cls._shared[app] = cls(app)
+                publisher = _SHARED[app] = cls(app)
             return publisher
 
     def __init__(self, app: Celery, *, confirm_timeout: float = 30.0) -> None:
@@ -183,3 +180,8 @@ class ReplyPublisher:
             conn.close()
         except Exception:  # closing a dead connection may fail; it is dropped either way
             conn.collect()
+
+
+#: One publisher per Celery app, for as long as the app lives.
+_SHARED: weakref.WeakKeyDictionary[Celery, ReplyPublisher] = weakref.WeakKeyDictionary()
+_SHARING = threading.Lock()

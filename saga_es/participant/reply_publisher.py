@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import threading
-import weakref
 from typing import Any
 
 from celery import Celery
@@ -52,11 +51,13 @@ class _Outgoing:
 class ReplyPublisher:
     @classmethod
     def for_app(cls, app: Celery) -> ReplyPublisher:
-        """The publisher every participant registered on ``app`` sends its replies with."""
+        """The publisher every participant registered on ``app`` sends its replies with. It
+        lives on the app, and goes with it."""
         with _SHARING:
-            publisher = _SHARED.get(app)
+            publisher: ReplyPublisher | None = getattr(app, _ON_THE_APP, None)
             if publisher is None:
-                publisher = _SHARED[app] = cls(app)
+                publisher = cls(app)
+                setattr(app, _ON_THE_APP, publisher)
             return publisher
 
     def __init__(self, app: Celery, *, confirm_timeout: float = 30.0) -> None:
@@ -182,6 +183,6 @@ class ReplyPublisher:
             conn.collect()
 
 
-#: One publisher per Celery app, for as long as the app lives.
-_SHARED: weakref.WeakKeyDictionary[Celery, ReplyPublisher] = weakref.WeakKeyDictionary()
+#: Where an app keeps its shared publisher.
+_ON_THE_APP = "_saga_es_reply_publisher"
 _SHARING = threading.Lock()

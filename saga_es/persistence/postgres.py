@@ -7,10 +7,10 @@ inbox, a saga version taken by a racing writer, a lost connection) rolls the who
 back; there is no Python between its parts that could fail half-way.
 
 Why a function rather than the library's pipelined insert with a hook for the extra rows: that
-path costs six statements and three round trips per decision (BEGIN, the side rows, SET LOCAL,
+path costs seven statements in three round trips per decision (BEGIN, the side rows, SET LOCAL,
 LOCK TABLE, NOTIFY, INSERT, COMMIT), each parsed and planned again by the server; the function
 is planned once per connection. Measured on one engine starting sagas in a loop, a start costs
-less than half the CPU, client and server alike.
+about a third of the CPU it did, client and server alike.
 
 What stays the library's: the events table and its columns, the ``EXCLUSIVE`` table lock that
 makes notification ids commit in order (readers tailing the log never skip a late-committing
@@ -45,8 +45,9 @@ class SagaPostgresRecorder(PostgresApplicationRecorder):
     def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"):
         if datastore.enable_db_functions:
             raise ConfigurationError(
-                "POSTGRES_ENABLE_DB_FUNCTIONS must stay off: saga-es commits events through "
-                "its own function, and the library's would write them without outbox rows"
+                "POSTGRES_ENABLE_DB_FUNCTIONS must stay off: saga-es commits a decision "
+                "through its own function, saga_es_commit, which writes the outbox, inbox and "
+                "timer rows with the events"
             )
         # No server-side prepared statements on these connections: psycopg's cache of them
         # drifts from the server when a pipelined statement fails part-way, and every later

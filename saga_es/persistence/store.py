@@ -234,19 +234,22 @@ class SagaStore:
             cursor.execute(sql, params)
 
     def _require_tables(self) -> None:
-        missing = "the saga tables do not exist"
         try:
             self._query(f"SELECT 1 FROM {self.table('saga_outbox')} WHERE 1 = 0", [])
-            if self.settings.backend == "postgres":
-                function = self.table(COMMIT_FUNCTION_SIGNATURE)
-                missing = "the function saga_es_commit does not exist (set up by an older saga-es?)"
-                if self._query("SELECT to_regprocedure(?) AS f", [function])[0]["f"] is None:
-                    raise PersistenceError(function)
         except PersistenceError as exc:
-            raise ConfigurationError(
-                f"{missing} at {self.settings.redacted()}: "
-                "run `saga-es db init` once before starting engines, workers or relays"
-            ) from exc
+            raise self._not_initialised("the saga tables do not exist") from exc
+        if self.settings.backend == "postgres":
+            function = self.table(COMMIT_FUNCTION_SIGNATURE)
+            if self._query("SELECT to_regprocedure(?) AS f", [function])[0]["f"] is None:
+                raise self._not_initialised(
+                    "the function saga_es_commit does not exist (set up by an older saga-es?)"
+                )
+
+    def _not_initialised(self, what: str) -> ConfigurationError:
+        return ConfigurationError(
+            f"{what} at {self.settings.redacted()}: "
+            "run `saga-es db init` once before starting engines, workers or relays"
+        )
 
 
 def init_database(settings: DatabaseSettings) -> None:
